@@ -1,0 +1,26 @@
+"""The per-query (or per-batch) analysis record: one row of `analysis/` Parquet.
+
+Every method fills what applies to it and leaves the rest None, so every run of every method
+writes the same columns (DESIGN.md, Outputs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ANALYSIS_FIELDS: tuple[str, ...] = (
+    "run_id", "shard", "batch_index", "sample_ids", "query", "used_cache", "cache_query",
+    "retrieved_indices", "retrieved_scores", "losses", "loss_entropy", "loss_diversity",
+    "steps", "stop_reason", "updated_param_count", "mask_ratio", "class_entropy",
+    "max_class_prob", "unique_classes", "diversity_weight", "grad_norm", "domain",
+    "timing_embedding", "timing_cache_lookup", "timing_kb_retrieval", "timing_fine_tuning",
+    "timing_forward_pass", "timing_total", "worker",
+)
+
+
+def new_record(**fields: Any) -> dict[str, Any]:
+    unknown = set(fields) - set(ANALYSIS_FIELDS)
+    if unknown:
+        raise KeyError(f"not analysis fields: {sorted(unknown)}")
+    rec = dict.fromkeys(ANALYSIS_FIELDS)
+    rec.update(fields)
+    return rec
