@@ -1,0 +1,131 @@
+"""Run configuration: YAML -> validated, typed objects, with `--set key=value` overrides.
+
+A bad field fails here, before Ray starts, with one line naming the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttt.config import TTTConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the field or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    dataset: str = "mnistc"
+    manifest: str | None = None  # Parquet manifest; None = build the embedded MNIST-C default
+    cache_dir: str = ".cache"
+    corruptions: list[str] | None = None  # None = the default list (pipeline.data.mnistc)
+    severity: int = Field(3, ge=1, le=5)
+    n_test: int = Field(1000, ge=10, le=1000)  # test digits per corruption domain
+    include_clean: bool = False
+    seed: int = 0  # data split and corruption randomness
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N manifest rows
+
+
+class ModelConfig(_Strict):
+    kind: Literal["image_classifier", "causal_lm"] = "image_classifier"
+    factory: str = "pipeline.default_model:small_cnn"  # package.module:function
+    factory_kwargs: dict[str, Any] = {}
+    checkpoint: str | None = None  # state_dict file; None with the default factory = embedded default
+    image_shape: list[int] = [1, 28, 28]
+    mean: float = 0.1307
+    std: float = 0.3081
+
+    @model_validator(mode="after")
+    def _factory_shape(self) -> "ModelConfig":
+        module, _, func = self.factory.partition(":")
+        if not module or not func:
+            raise ValueError(f"factory must look like package.module:function, got {self.factory!r}")
+        return self
+
+
+class WorkerConfig(_Strict):
+    num_shards: int = Field(2, ge=1)  # with the seed, fixes the results
+    num_workers: int | None = Field(None, ge=1)  # None = min(num_shards, what the cluster fits)
+    num_cpus: float = Field(0.5, ge=0.0)  # fractional so actors never starve Ray Data's reads
+    num_gpus: float = Field(0.0, ge=0.0)
+    torch_threads: int = Field(1, ge=1)
+    max_shard_attempts: int = Field(3, ge=1)  # a shard whose worker dies reruns from the source model
+    progress_interval_s: float = Field(5.0, gt=0.0)
+
+
+class RunConfig(_Strict):
+    experiment: str = "default"
+    tag: str | None = None
+    run_id: str | None = None  # set to resume into an existing run directory
+    output_root: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    ttt: TTTConfig = TTTConfig()
+    workers: WorkerConfig = WorkerConfig()
+
+    def config_hash(self) -> str:
+        """What fixes the results: data, model, method and shard count (not workers or paths)."""
+        key = {
+            "data": self.data.model_dump(),
+            "model": self.model.model_dump(),
+            "ttt": self.ttt.model_dump(exclude={"log_out"}),
+            "num_shards": self.workers.num_shards,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config error: unknown field {field!r}"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"config error: {field}: {first['msg']}{shown}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

@@ -1,0 +1,111 @@
+"""Run-directory outputs: fixed Parquet schemas, atomic per-shard parts with success markers
+(the unit of resume), run.json / summary.json writes.
+
+Parts are written under a temporary name and renamed, then a marker records the config hash;
+a rerun skips shards whose marker carries the same hash (DESIGN.md, Outputs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RESULTS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("sample_id", pa.string()), ("shard", pa.int32()), ("position", pa.int64()),
+    ("domain", pa.string()), ("method", pa.string()), ("prediction", pa.int64()), ("label", pa.int64()),
+    ("correct", pa.bool_()), ("confidence", pa.float64()), ("entropy", pa.float64()),
+    ("adapter_source", pa.string()), ("error", pa.string()),
+])
+LM_RESULT_FIELDS = [("nll", pa.float64()), ("n_bytes", pa.int64()), ("bits_per_byte", pa.float64())]
+
+ANALYSIS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("batch_index", pa.int64()),
+    ("sample_ids", pa.list_(pa.string())), ("query", pa.string()), ("used_cache", pa.bool_()),
+    ("cache_query", pa.string()), ("retrieved_indices", pa.list_(pa.int64())),
+    ("retrieved_scores", pa.list_(pa.float64())), ("losses", pa.list_(pa.float64())),
+    ("loss_entropy", pa.float64()), ("loss_diversity", pa.float64()), ("steps", pa.int64()),
+    ("stop_reason", pa.string()), ("updated_param_count", pa.int64()), ("mask_ratio", pa.float64()),
+    ("class_entropy", pa.float64()), ("max_class_prob", pa.float64()), ("unique_classes", pa.int64()),
+    ("diversity_weight", pa.float64()), ("grad_norm", pa.float64()), ("domain", pa.string()),
+    ("timing_embedding", pa.float64()), ("timing_cache_lookup", pa.float64()),
+    ("timing_kb_retrieval", pa.float64()), ("timing_fine_tuning", pa.float64()),
+    ("timing_forward_pass", pa.float64()), ("timing_total", pa.float64()), ("worker", pa.string()),
+])
+
+
+def results_schema(rows: list[dict[str, Any]]) -> pa.Schema:
+    lm = any("bits_per_byte" in r for r in rows)
+    return pa.schema(list(RESULTS_SCHEMA) + (LM_RESULT_FIELDS if lm else []))
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def marker_path(run_dir: Path, shard: int) -> Path:
+    return run_dir / "results" / f"_SUCCESS-{shard:05d}.json"
+
+
+def write_shard(run_dir: Path, shard: int, results: list[dict[str, Any]], analysis: list[dict[str, Any]],
+                config_hash: str) -> None:
+    for sub, table in (("results", to_table(results, results_schema(results))),
+                       ("analysis", to_table(analysis, ANALYSIS_SCHEMA))):
+        folder = run_dir / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{part_name(shard)}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, folder / part_name(shard))
+    write_json(marker_path(run_dir, shard), {"shard": shard, "rows": len(results), "config_hash": config_hash})
+
+
+def completed_shards(run_dir: Path, config_hash: str) -> set[int]:
+    done = set()
+    for marker in (run_dir / "results").glob("_SUCCESS-*.json"):
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("config_hash") == config_hash and (run_dir / "results" / part_name(info["shard"])).exists():
+            done.add(int(info["shard"]))
+    return done
+
+
+def read_results(run_dir: Path) -> pa.Table:
+    return pq.read_table(run_dir / "results")
+
+
+def summarise(results: pa.Table) -> dict[str, Any]:
+    df = results.to_pandas()
+    scored = df[df["correct"].notna()]
+    per_domain = {}
+    for domain, group in scored.groupby("domain", sort=False):
+        per_domain[str(domain)] = {"n": int(len(group)), "error": float(1.0 - group["correct"].astype(bool).mean())}
+    overall_err = float(1.0 - scored["correct"].astype(bool).mean()) if len(scored) else None
+    out = {
+        "overall": {"n": int(len(df)), "scored": int(len(scored)), "error": overall_err,
+                    "accuracy": None if overall_err is None else 1.0 - overall_err,
+                    "errors_rows": int(df["error"].notna().sum())},
+        "per_domain": per_domain,
+    }
+    if "bits_per_byte" in df.columns:
+        ok = df[df["error"].isna()]
+        out["overall"]["bits_per_byte"] = float(ok["nll"].sum() / (ok["n_bytes"].sum() * 0.6931471805599453)) if len(ok) else None
+    return out

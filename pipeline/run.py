@@ -1,0 +1,294 @@
+"""The job: prepare inputs, start (or join) Ray, shard the manifest, drive worker actors,
+write Parquet parts, run.json and summary.json.
+
+Sharding: the manifest is read with Ray Data and cut into `num_shards` contiguous, ordered
+parts with `split_at_indices` (which keeps every row, unlike `split(equal=True)`). Each shard
+is consumed in order by one plain worker actor; a worker takes the next shard when it finishes
+one. A worker that dies is replaced and its shard reruns from the source model, so the results
+stay those of an undisturbed run; every restart is printed and counted in run.json.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.manifest import check_manifest
+from pipeline.outputs import completed_shards, read_results, summarise, write_json, write_shard
+from pipeline.meta import git_commit, new_run_id, package_versions
+
+DEFAULT_FACTORY = "pipeline.default_model:small_cnn"
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Resolve the embedded defaults (build data / train the source model if missing), check the
+    manifest and build the method once on the driver so start-up errors surface before Ray."""
+    updates: dict[str, Any] = {}
+    if cfg.data.manifest is None:
+        from pipeline.data.mnistc import ensure_mnistc
+
+        manifest = ensure_mnistc(cfg.data.cache_dir, cfg.data.corruptions, cfg.data.severity,
+                                 cfg.data.n_test, cfg.data.include_clean, cfg.data.seed)
+        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
+    else:
+        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(cfg.data.manifest).resolve())})
+    check_manifest(updates["data"].manifest, cfg.model.kind)
+    if cfg.model.factory == DEFAULT_FACTORY and cfg.model.checkpoint is None:
+        from pipeline.default_model import ensure_default_checkpoint
+
+        ckpt = ensure_default_checkpoint(cfg.data.cache_dir, cfg.data.seed)
+        updates["model"] = cfg.model.model_copy(update={"checkpoint": str(Path(ckpt).resolve())})
+    elif cfg.model.checkpoint is not None:
+        updates["model"] = cfg.model.model_copy(update={"checkpoint": str(Path(cfg.model.checkpoint).resolve())})
+    cfg = cfg.model_copy(update=updates)
+    _check_method_starts(cfg)
+    return cfg
+
+
+def _check_method_starts(cfg: RunConfig) -> None:
+    from ttt import build_method
+    from workers.ttt_worker import build_adapter
+
+    try:
+        build_method(build_adapter(cfg.model.model_dump(), "cpu"), cfg.ttt)
+    except ValueError as exc:  # missing hooks, bad update filter, model load errors
+        raise ConfigError(str(exc)) from None
+
+
+def init_ray() -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            log(f"connecting to the Ray cluster at {address}")
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            log("starting a local Ray instance")
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return {k: float(v) for k, v in ray.cluster_resources().items() if "node:" not in k}
+
+
+def worker_count(cfg: RunConfig, resources: dict[str, float], shards_left: int) -> int:
+    if cfg.workers.num_workers is not None:
+        return max(1, min(cfg.workers.num_workers, shards_left))
+    fits = shards_left
+    cpus = resources.get("CPU", 1.0)
+    if cfg.workers.num_cpus > 0:
+        fits = int((cpus - 0.5) // cfg.workers.num_cpus)  # keep half a CPU for Ray Data's reads
+    if cfg.workers.num_gpus > 0:
+        fits = min(fits, int(resources.get("GPU", 0.0) // cfg.workers.num_gpus))
+        if fits < 1:
+            raise ConfigError(f"workers.num_gpus={cfg.workers.num_gpus} but the cluster has {resources.get('GPU', 0)} GPUs")
+    return max(1, min(fits, shards_left))
+
+
+def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous near-equal [start, end) ranges; the first `n % k` shards get one row more."""
+    base, extra = divmod(n_rows, n_shards)
+    bounds, start = [], 0
+    for i in range(n_shards):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class _Pool:
+    """Worker actors, replaced on death. Names carry the run id so tests and users can find them."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, size: int):
+        from workers.ttt_worker import TTTWorkerActor
+
+        self._cls = TTTWorkerActor
+        self.cfg, self.run_id = cfg, run_id
+        self.spec = {"run_id": run_id, "model": cfg.model.model_dump(), "ttt": cfg.ttt.model_dump(),
+                     "torch_threads": cfg.workers.torch_threads, "num_gpus": cfg.workers.num_gpus}
+        self.generation = 0
+        self.actors = [self._start(i) for i in range(size)]
+
+    def _start(self, slot: int):
+        self.generation += 1
+        name = f"ttt-{self.run_id}-w{slot}-g{self.generation}"
+        return self._cls.options(name=name, num_cpus=self.cfg.workers.num_cpus, num_gpus=self.cfg.workers.num_gpus,
+                                 max_concurrency=2, max_restarts=0).remote(self.spec, name)
+
+    def replace(self, slot: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.actors[slot] = self._start(slot)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+
+
+def _run_info(cfg: RunConfig, run_id: str, resources: dict[str, float], started: str) -> dict[str, Any]:
+    from ttt.methods import METHODS
+
+    return {
+        "run_id": run_id, "experiment": cfg.experiment, "tag": cfg.tag, "status": "running",
+        "model": cfg.model.factory, "method": cfg.ttt.method, "dataset": cfg.data.dataset,
+        "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(),
+        "predict_from": cfg.ttt.predict_from or METHODS[cfg.ttt.method].default_predict_from,
+        "versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
+        "started_at": started, "ended_at": None,
+        "counts": {"rows": None, "errors": None, "shards": cfg.workers.num_shards, "restarts": 0},
+        "cluster_resources": resources, "error": None,
+    }
+
+
+def run_job(cfg: RunConfig) -> Path:
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    cfg = prepare(cfg)
+    run_id = cfg.run_id or new_run_id(cfg.ttt.method)
+    run_dir = Path(cfg.output_root) / run_id
+    config_hash = cfg.config_hash()
+    if (run_dir / "run.json").exists():
+        import json
+
+        previous = json.loads((run_dir / "run.json").read_text())
+        if previous.get("config_hash") != config_hash:
+            raise ConfigError(f"run directory {run_dir} holds config hash {previous.get('config_hash')}, "
+                              f"this config has {config_hash}: choose another run_id")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resources = init_ray()
+    started = datetime.now(timezone.utc).isoformat()
+    info = _run_info(cfg.model_copy(update={"run_id": run_id}), run_id, resources, started)
+    write_json(run_dir / "run.json", info)
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # the driver prints its own per-shard progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ds = ray.data.read_parquet(cfg.data.manifest)
+    if cfg.data.limit is not None:
+        ds = ds.limit(cfg.data.limit)
+    n_rows = ds.count()
+    bounds = shard_bounds(n_rows, cfg.workers.num_shards)
+    done = completed_shards(run_dir, config_hash)
+    todo = [s for s in range(len(bounds)) if s not in done and bounds[s][1] > bounds[s][0]]
+    if done:
+        log(f"resuming {run_id}: {len(done)} shard(s) already written, {len(todo)} to go")
+    t0 = time.perf_counter()
+    restarts = 0
+    pool = None
+    try:
+        if todo:
+            splits = ds.split_at_indices([b[0] for b in bounds[1:]])
+            size = worker_count(cfg, resources, len(todo))
+            log(f"run {run_id}: {n_rows} rows, {len(bounds)} shards, {size} worker(s), method {cfg.ttt.method}")
+            pool = _Pool(cfg, run_id, size)
+            pending = deque((s, 1) for s in todo)
+            running: dict[Any, tuple[int, int, int]] = {}
+            idle = list(range(size))
+            last_report = time.perf_counter()
+            rows_written = sum(bounds[s][1] - bounds[s][0] for s in done)
+            while pending or running:
+                while pending and idle:
+                    slot = idle.pop(0)
+                    shard, attempt = pending.popleft()
+                    ref = pool.actors[slot].run_shard.remote(shard, splits[shard], bounds[shard][0])
+                    running[ref] = (slot, shard, attempt)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=cfg.workers.progress_interval_s)
+                for ref in ready:
+                    slot, shard, attempt = running.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                        restarts += 1
+                        if attempt >= cfg.workers.max_shard_attempts:
+                            raise RuntimeError(f"shard {shard} failed {attempt} times; last: {type(exc).__name__}") from exc
+                        log(f"WARNING: worker {slot} died on shard {shard} ({type(exc).__name__}); starting a "
+                            f"fresh worker and rerunning shard {shard} from the source model (attempt {attempt + 1})")
+                        pool.replace(slot)
+                        pending.appendleft((shard, attempt + 1))
+                        idle.append(slot)
+                        continue
+                    write_shard(run_dir, shard, out["results"], out["analysis"], config_hash)
+                    rows_written += len(out["results"])
+                    idle.append(slot)
+                    log(f"shard {shard} done ({len(out['results'])} rows); {rows_written}/{n_rows} rows written")
+                if time.perf_counter() - last_report >= cfg.workers.progress_interval_s and running:
+                    last_report = time.perf_counter()
+                    _report_progress(pool, running, bounds, rows_written, n_rows, t0)
+        results = read_results(run_dir)
+        summary = summarise(results)
+        wall = time.perf_counter() - t0
+        summary["throughput"] = {"wall_s": wall, "rows_processed": sum(bounds[s][1] - bounds[s][0] for s in todo),
+                                 "samples_per_s": (sum(bounds[s][1] - bounds[s][0] for s in todo) / wall) if wall > 0 else None}
+        summary["cache"] = None
+        write_json(run_dir / "summary.json", summary)
+        info.update(status="finished", ended_at=datetime.now(timezone.utc).isoformat(),
+                    counts={"rows": results.num_rows, "errors": summary["overall"]["errors_rows"],
+                            "shards": len(bounds), "restarts": restarts})
+        write_json(run_dir / "run.json", info)
+        return run_dir
+    except BaseException as exc:
+        info.update(status="failed", ended_at=datetime.now(timezone.utc).isoformat(),
+                    error=f"{type(exc).__name__}: {exc}")
+        info["counts"]["restarts"] = restarts
+        write_json(run_dir / "run.json", info)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _report_progress(pool: _Pool, running: dict, bounds, rows_written: int, n_rows: int, t0: float) -> None:
+    import ray
+
+    parts = []
+    in_flight = 0
+    for slot, shard, _ in running.values():
+        try:
+            p = ray.get(pool.actors[slot].progress.remote(), timeout=2)
+            in_flight += p["rows_done"]
+            parts.append(f"shard {shard}: {p['rows_done']}/{bounds[shard][1] - bounds[shard][0]}")
+        except Exception:
+            parts.append(f"shard {shard}: ?")
+    done = rows_written + in_flight
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    log(f"progress {done}/{n_rows} rows ({100 * done / max(n_rows, 1):.0f}%), {rate:.0f} rows/s; " + ", ".join(parts))
+
+
+def format_summary(run_dir: Path) -> str:
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    lines = [f"run {info['run_id']}  method={info['method']}  predict_from={info['predict_from']}",
+             f"{'domain':<16}{'n':>7}{'error %':>10}"]
+    for domain, d in summary["per_domain"].items():
+        lines.append(f"{domain:<16}{d['n']:>7}{100 * d['error']:>10.2f}")
+    per = [d["error"] for d in summary["per_domain"].values()]
+    if per:
+        lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}")
+    o = summary["overall"]
+    lines.append(f"rows {o['n']}, error rows {o['errors_rows']}, {summary['throughput']['samples_per_s'] or 0:.0f} samples/s")
+    lines.append(f"results:  {run_dir / 'results'}")
+    lines.append(f"analysis: {run_dir / 'analysis'}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""End-to-end behaviour of the job on a real local Ray, real torch, real Parquet, small data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data.mnistc import ensure_mnistc, split_digits
+from pipeline.default_model import small_cnn, train_source_model
+from pipeline.run import run_job, shard_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = ["shot_noise", "motion_blur", "fog"]
+
+
+@pytest.fixture(scope="session")
+def small_default(tmp_path_factory):
+    """A 150-row MNIST-C stream and a briefly trained source checkpoint (not the cached default)."""
+    cache = tmp_path_factory.mktemp("cache")
+    manifest = ensure_mnistc(cache, DOMAINS, severity=3, n_test=50, seed=0)
+    split = split_digits(0)
+    torch.manual_seed(0)
+    state = train_source_model(split["x_train"][:1500], split["y_train"][:1500], seed=0, epochs=1)
+    ckpt = cache / "cnn.pt"
+    torch.save(state, ckpt)
+    return {"cache": cache, "manifest": manifest, "checkpoint": ckpt}
+
+
+def make_cfg(small_default, tmp_path, *overrides: str):
+    base = [
+        f"data.manifest={small_default['manifest']}", f"model.checkpoint={small_default['checkpoint']}",
+        f"output_root={tmp_path / 'runs'}", "ttt.batch_size=20", "workers.num_shards=2",
+        "workers.num_cpus=0.25", "workers.progress_interval_s=0.5",
+    ]
+    return load_config(ROOT / "configs" / "mnistc_tent.yaml", base + list(overrides))
+
+
+def results_of(run_dir: Path) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / "results").sort_values("position").reset_index(drop=True)
+    return df.drop(columns=["run_id"])
+
+
+def test_shard_bounds_keep_every_row():
+    for n, k in [(999, 2), (10, 3), (5, 5), (3, 4)]:
+        b = shard_bounds(n, k)
+        assert b[0][0] == 0 and b[-1][1] == n
+        assert all(b[i][1] == b[i + 1][0] for i in range(k - 1))
+        assert max(e - s for s, e in b) - min(e - s for s, e in b) <= 1
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"ttt\.lr"):
+        load_config(ROOT / "configs/mnistc_tent.yaml", ["ttt.lr=-1"])
+    with pytest.raises(ConfigError, match=r"unknown field 'workers\.gpus'"):
+        load_config(ROOT / "configs/mnistc_tent.yaml", ["workers.gpus=1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(ROOT / "configs/nope.yaml")
+
+
+def test_cli_config_error_is_one_line_and_exits_before_ray(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # any attempt to reach Ray would hang or fail
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/mnistc_tent.yaml",
+                           "--set", "ttt.method=tentt"], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ttt.method" in lines[0] and "tentt" in lines[0]
+
+
+def test_missing_hook_fails_at_start_up(small_default, tmp_path):
+    cfg = make_cfg(small_default, tmp_path, "model.factory=torch.nn:Identity", "model.checkpoint=null")
+    with pytest.raises(ConfigError):
+        run_job(cfg)
+
+
+def test_source_equals_plain_forward(ray_session, small_default, tmp_path):
+    run_dir = run_job(make_cfg(small_default, tmp_path, "ttt.method=source"))
+    got = results_of(run_dir)
+    manifest = pq.read_table(small_default["manifest"]).to_pandas()
+    model = small_cnn()
+    model.load_state_dict(torch.load(small_default["checkpoint"], weights_only=True))
+    model.eval()
+    x = torch.tensor(np.stack(manifest["pixels"].map(np.asarray)), dtype=torch.float32).view(-1, 1, 28, 28)
+    with torch.no_grad():
+        logits = model((x / 255.0 - 0.1307) / 0.3081)
+    assert list(got["sample_id"]) == list(manifest["sample_id"])
+    assert (got["prediction"].to_numpy() == logits.argmax(1).numpy()).all()
+    np.testing.assert_allclose(got["confidence"], logits.softmax(1).max(1).values.numpy(), rtol=1e-5)
+    assert got["error"].isna().all() and (got["adapter_source"] == "none").all()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["counts"]["rows"] == len(manifest)
+
+
+def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, small_default, tmp_path):
+    a = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=1"))
+    b = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2"))
+    ra, rb = results_of(a), results_of(b)
+    manifest = pq.read_table(small_default["manifest"], columns=["sample_id"]).column(0).to_pylist()
+    assert sorted(ra["sample_id"]) == sorted(manifest) and ra["sample_id"].is_unique
+    pd.testing.assert_frame_equal(ra, rb)
+    analysis = pd.read_parquet(a / "analysis")
+    assert (analysis["updated_param_count"] > 0).all() and (analysis["steps"] == 1).all()
+    assert analysis["timing_embedding"].isna().all() and (analysis["timing_total"] >= 0).all()
+    assert set(analysis["shard"]) == {0, 1}
+    # the two shards each start from the source model: shard 1's first batch equals a fresh run on it
+    assert json.loads((a / "run.json").read_text())["predict_from"] == "same_forward"
+
+
+def _png_manifest(small_default, tmp_path, n=60, corrupt_row=7):
+    from PIL import Image
+
+    src = pq.read_table(small_default["manifest"]).to_pandas().head(n)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    paths = []
+    for i, row in src.iterrows():
+        p = folder / f"{row.sample_id}.png"
+        Image.fromarray(np.asarray(row.pixels, dtype=np.uint8).reshape(28, 28)).save(p)
+        paths.append(str(p))
+    Path(paths[corrupt_row]).write_bytes(b"\x89PNG not really a png")
+    out = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"sample_id": src.sample_id, "domain": src.domain, "label": src.label, "path": paths}), out)
+    return out, src.sample_id[corrupt_row]
+
+
+def test_corrupt_file_becomes_error_row(ray_session, small_default, tmp_path):
+    manifest, bad_id = _png_manifest(small_default, tmp_path)
+    run_dir = run_job(make_cfg(small_default, tmp_path, f"data.manifest={manifest}"))
+    df = results_of(run_dir)
+    assert len(df) == 60 and df["sample_id"].is_unique
+    bad = df[df["sample_id"] == bad_id].iloc[0]
+    assert bad["error"] and "UnidentifiedImageError" in bad["error"] and pd.isna(bad["prediction"])
+    assert df[df["sample_id"] != bad_id]["error"].isna().all()
+    assert json.loads((run_dir / "run.json").read_text())["counts"]["errors"] == 1
+
+
+def test_resume_skips_written_shards(ray_session, small_default, tmp_path):
+    cfg = make_cfg(small_default, tmp_path, "run_id=resume-test")
+    run_dir = run_job(cfg)
+    full = results_of(run_dir)
+    kept = run_dir / "results" / "part-00000.parquet"
+    kept_mtime = kept.stat().st_mtime_ns
+    (run_dir / "results" / "part-00001.parquet").unlink()
+    (run_dir / "results" / "_SUCCESS-00001.json").unlink()
+    run_job(cfg)
+    assert kept.stat().st_mtime_ns == kept_mtime  # shard 0 was not recomputed
+    pd.testing.assert_frame_equal(results_of(run_dir), full)
+    with pytest.raises(ConfigError, match="config hash"):
+        run_job(make_cfg(small_default, tmp_path, "run_id=resume-test", "ttt.lr=0.01"))
+
+
+def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_default, tmp_path):
+    slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1"]
+    reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
+    cfg = make_cfg(small_default, tmp_path, "run_id=killed", *slow)
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(run_dir=run_job(cfg)))
+    thread.start()
+    ray = ray_session
+    killed = False
+    deadline = time.time() + 120
+    while not killed and time.time() < deadline:
+        names = [n for n in ray.util.list_named_actors() if n.startswith("ttt-killed-w0")]
+        if names:
+            try:
+                actor = ray.get_actor(names[0])
+                if ray.get(actor.progress.remote(), timeout=5)["rows_done"] > 0:
+                    os.kill(ray.get(actor.info.remote(), timeout=5)["pid"], signal.SIGKILL)
+                    killed = True
+            except Exception:
+                pass
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed, "never caught the worker mid-shard"
+    run = json.loads((box["run_dir"] / "run.json").read_text())
+    assert run["status"] == "finished" and run["counts"]["restarts"] >= 1
+    pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
