@@ -1,0 +1,337 @@
+"""The embedded text default: a corpus and a tiny GPT-2 built offline from text that ships with Python.
+
+Why: retrieval TTT for language models needs a KB, held-out queries and a small LM that runs
+on a laptop CPU, with no hub download. Sources: `pydoc_data.topics` (the Python reference
+topics) and a deterministic subset of the standard library's own top-level `.py` files.
+
+Layout under `cache_dir` (default `.cache/text`):
+  corpus/  train.parquet (text, source: the LM's training text), kb.parquet (id, text,
+           source, in_lm_train: the KB corpus), queries.parquet (sample_id, text, source,
+           domain, position: held-out evaluation chunks), build.json
+  tiny_gpt2/  save_pretrained model + tokenizer, train.json (settings, timings, losses)
+
+Split: documents are cut into chunks of ~512-1500 bytes at paragraph (blank line)
+boundaries, exact duplicates dropped, then a seeded permutation takes `n_queries` chunks as
+queries; every other chunk goes into the KB, and all KB chunks but a `val_fraction` train
+the LM. The KB thus holds text the LM saw (as in Hardt & Sun, whose index was built from the
+training set) and some it never saw (its validation set). Queries are in neither.
+Each output's presence marks its build finished (written last, via rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sysconfig
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+MIN_BYTES, MAX_BYTES = 512, 1500
+DONE = "DONE"  # marker written last in the model directory
+
+
+class TextBuildError(ValueError):
+    pass
+
+
+# -- documents --------------------------------------------------------------------------
+def pydoc_documents() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
+
+
+def stdlib_documents(max_bytes: int = 1_600_000) -> list[tuple[str, str]]:
+    """Top-level stdlib modules, taken in order of a hash of their name until `max_bytes`.
+
+    Hashing the name spreads the pick over the alphabet while staying the same on every
+    machine with the same Python; private (`_x.py`) and joke modules are skipped.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"this.py", "antigravity.py"}
+    files = [p for p in root.glob("*.py") if not p.name.startswith("_") and p.name not in skip]
+    files.sort(key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    docs, total = [], 0
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if total + len(text.encode()) > max_bytes:
+            continue
+        docs.append((f"stdlib:{p.name}", text))
+        total += len(text.encode())
+    return sorted(docs)
+
+
+# -- chunking ------------------------------------------------------------------------------
+def _split_long(paragraph: str, max_bytes: int) -> list[str]:
+    """Cut a paragraph above max_bytes at line ends (or, for one huge line, at characters)."""
+    pieces, current = [], ""
+    for line in paragraph.split("\n"):
+        while len(line.encode()) > max_bytes:
+            cut = len(line.encode()[:max_bytes].decode("utf-8", errors="ignore"))
+            pieces.append(line[:cut])
+            line = line[cut:]
+        candidate = f"{current}\n{line}" if current else line
+        if current and len(candidate.encode()) > max_bytes:
+            pieces.append(current)
+            current = line
+        else:
+            current = candidate
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def chunk_document(text: str, min_bytes: int = MIN_BYTES, max_bytes: int = MAX_BYTES) -> list[str]:
+    """Join consecutive paragraphs into chunks of min_bytes..max_bytes (a short tail joins the last chunk)."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", text):
+        para = para.rstrip()
+        if para.strip():
+            paragraphs += _split_long(para, max_bytes)
+    chunks, current = [], ""
+    for para in paragraphs:
+        candidate = f"{current}\n\n{para}" if current else para
+        if current and len(candidate.encode()) > max_bytes:
+            if len(current.encode()) < min_bytes:
+                # too short to stand alone: top it up with the paragraph's leading lines
+                lines, sep = para.split("\n"), "\n\n"
+                while lines and len(f"{current}{sep}{lines[0]}".encode()) <= max_bytes:
+                    current, sep = f"{current}{sep}{lines.pop(0)}", "\n"
+                para = "\n".join(lines)
+            chunks.append(current)
+            current = para
+        else:
+            current = candidate
+        if len(current.encode()) >= min_bytes:
+            chunks.append(current)
+            current = ""
+    if current:
+        tail = f"{chunks[-1]}\n\n{current}" if chunks else current
+        if chunks and len(tail.encode()) <= max_bytes:
+            chunks[-1] = tail
+        elif len(current.encode()) >= 64:  # a few stray bytes are not worth a chunk
+            chunks.append(current)
+    return chunks
+
+
+def corpus_chunks(stdlib_bytes: int = 1_600_000) -> list[dict[str, str]]:
+    """All chunks of both sources in a fixed order, exact duplicates dropped."""
+    seen, rows = set(), []
+    for source, text in pydoc_documents() + stdlib_documents(stdlib_bytes):
+        for chunk in chunk_document(text):
+            digest = hashlib.sha256(chunk.encode()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                rows.append({"text": chunk, "source": source, "domain": source.split(":", 1)[0]})
+    return rows
+
+
+# -- corpus build ----------------------------------------------------------------------------
+def _write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _check_build(out: Path, expected: dict[str, Any]) -> None:
+    info = json.loads((out / "build.json").read_text())
+    differ = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+    if differ:
+        raise TextBuildError(f"{out} was built with other settings {differ} (built, asked): use another cache_dir")
+
+
+def build_text_corpus(cache_dir: str | Path = ".cache/text", seed: int = 0, n_queries: int = 200,
+                      val_fraction: float = 0.1, stdlib_bytes: int = 1_600_000) -> dict[str, Path]:
+    """Write train/kb/queries Parquet files under `cache_dir/corpus` unless already built."""
+    out = Path(cache_dir) / "corpus"
+    paths = {name: out / f"{name}.parquet" for name in ("train", "kb", "queries")}
+    settings = {"seed": seed, "n_queries": n_queries, "val_fraction": val_fraction, "stdlib_bytes": stdlib_bytes}
+    if all(p.exists() for p in paths.values()) and (out / "build.json").exists():
+        _check_build(out, settings)
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = corpus_chunks(stdlib_bytes)
+    if len(rows) <= n_queries:
+        raise TextBuildError(f"corpus has {len(rows)} chunks, too few for {n_queries} queries")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    query_idx = sorted(order[:n_queries].tolist())
+    kb_idx = sorted(order[n_queries:].tolist())
+    n_val = int(round(val_fraction * len(kb_idx)))
+    val = set(order[n_queries:n_queries + n_val].tolist())
+    kb = [rows[i] for i in kb_idx]
+    in_train = [i not in val for i in kb_idx]
+    _write(pa.table({
+        "text": [r["text"] for r, t in zip(kb, in_train) if t],
+        "source": [r["source"] for r, t in zip(kb, in_train) if t],
+    }), paths["train"])
+    _write(pa.table({
+        "id": pa.array(range(len(kb)), pa.int64()),
+        "text": [r["text"] for r in kb], "source": [r["source"] for r in kb],
+        "in_lm_train": pa.array(in_train, pa.bool_()),
+    }), paths["kb"])
+    queries = [rows[i] for i in query_idx]
+    _write(pa.table({
+        "sample_id": [f"q-{i:05d}" for i in range(len(queries))],
+        "text": [r["text"] for r in queries], "source": [r["source"] for r in queries],
+        "domain": [r["domain"] for r in queries],
+        "position": pa.array(range(len(queries)), pa.int64()),
+    }), paths["queries"])
+    sizes = [len(r["text"].encode()) for r in rows]
+    (out / "build.json").write_text(json.dumps({
+        **settings, "python": platform.python_version(), "chunks": len(rows), "kb": len(kb),
+        "train": sum(in_train), "queries": len(queries), "bytes": sum(sizes),
+        "chunk_bytes_min_median_max": [min(sizes), int(np.median(sizes)), max(sizes)],
+        "build_s": round(time.perf_counter() - t0, 2),
+    }, indent=2))
+    print(f"[build-text] {len(rows)} chunks ({sum(sizes) / 1e6:.2f} MB): train {sum(in_train)}, "
+          f"kb {len(kb)}, queries {len(queries)} -> {out}", flush=True)
+    return paths
+
+
+# -- tiny LM ---------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style: no unknown tokens, exact round trip) wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text, so byte counts stay exact
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                   pad_token=special, model_max_length=1_000_000)
+
+
+def _token_stream(tokenizer, texts: list[str]) -> np.ndarray:
+    """Each text as BOS + tokens (the scoring convention of ttt.lm), all concatenated."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.fromiter((t for seq in ids for t in [bos, *seq]), dtype=np.int64)
+
+
+def _eval_loss(model, stream: np.ndarray, context: int, max_windows: int | None = None) -> float:
+    """Mean token cross-entropy over consecutive context-long windows of `stream`."""
+    import torch
+
+    n = (len(stream) - 1) // context
+    n = n if max_windows is None else min(n, max_windows)
+    x = torch.from_numpy(stream[:n * context].reshape(n, context))
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            xb = x[i:i + 16]
+            total += model(input_ids=xb, attention_mask=torch.ones_like(xb), labels=xb).loss.item() * len(xb)
+            count += len(xb)
+    model.train()
+    return total / count
+
+
+def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab_size: int = 4096,
+                  n_layer: int = 4, n_embd: int = 192, n_head: int = 4, context: int = 256,
+                  batch_size: int = 8, steps: int = 600, lr: float = 2e-3, warmup: int = 50,
+                  max_seconds: float = 300.0, threads: int = 2, log_every: int = 100) -> Path:
+    """Train the tokenizer and a tiny GPT-2 on the corpus's train split; return the model directory.
+
+    Fixed `steps` keep the run deterministic on a given machine; `max_seconds` is only a
+    safety stop (recorded in train.json as stop_reason=time). Skipped when already built.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(cache_dir) / "tiny_gpt2"
+    settings = {"seed": seed, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
+                "context": context, "batch_size": batch_size, "steps": steps, "lr": lr}
+    if (out / DONE).exists():
+        info = json.loads((out / "train.json").read_text())
+        differ = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
+        if differ:
+            raise TextBuildError(f"{out} was trained with other settings {differ} (built, asked): use another cache_dir")
+        return out
+    paths = build_text_corpus(cache_dir, seed=seed)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    train_texts = pq.read_table(paths["train"], columns=["text"]).column("text").to_pylist()
+    kb = pq.read_table(paths["kb"], columns=["text", "in_lm_train"]).to_pydict()
+    val_texts = [t for t, used in zip(kb["text"], kb["in_lm_train"]) if not used]
+    tokenizer = train_tokenizer(train_texts, vocab_size)
+    t_tok = time.perf_counter() - t0
+    train_stream = _token_stream(tokenizer, train_texts)
+    val_stream = _token_stream(tokenizer, val_texts)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                        # no dropout: a few minutes of training underfits, and TTT then runs the
+                        # same in train and eval mode
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train-lm] tokenizer {len(tokenizer)} tokens in {t_tok:.1f}s; train {len(train_stream)} tokens "
+          f"({sum(len(t.encode()) for t in train_texts) / len(train_stream):.2f} bytes/token), "
+          f"val {len(val_stream)}; model {n_params / 1e6:.2f}M params", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    rng = np.random.default_rng(seed)
+    model.train()
+    log: list[dict[str, Any]] = []
+    stop_reason, t_train = "steps", time.perf_counter()
+    for step in range(1, steps + 1):
+        starts = rng.integers(0, len(train_stream) - context, size=batch_size)
+        x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        elapsed = time.perf_counter() - t_train
+        if step % log_every == 0 and step < steps:
+            # a quick look on part of the validation set; the full one is measured at the end
+            val = _eval_loss(model, val_stream, context, max_windows=32)
+            log.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss_part": round(val, 4),
+                        "elapsed_s": round(elapsed, 1)})
+            print(f"[train-lm] step {step}/{steps} loss {loss.item():.3f} val~ {val:.3f} ({elapsed:.0f}s)", flush=True)
+        if elapsed > max_seconds:
+            stop_reason = "time"
+            break
+    t_train = time.perf_counter() - t_train
+    val_loss = _eval_loss(model, val_stream, context)
+    print(f"[train-lm] {step} steps in {t_train:.0f}s ({stop_reason}); val loss {val_loss:.3f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train.json").write_text(json.dumps({
+        **settings, "params": n_params, "steps_done": step, "stop_reason": stop_reason,
+        "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
+        "val_loss": round(val_loss, 4), "tokenizer_s": round(t_tok, 1),
+        "train_s": round(t_train, 1), "threads": threads,
+        "torch": torch.__version__, "log": log,
+    }, indent=2))
+    (out / DONE).write_text("ok\n")
+    print(f"[train-lm] saved to {out}", flush=True)
+    return out
+
+
+def ensure_text_default(cache_dir: str | Path = ".cache/text", seed: int = 0) -> dict[str, Path]:
+    """Corpus and tiny GPT-2, each built once: {train, kb, queries, model} paths."""
+    paths = build_text_corpus(cache_dir, seed=seed)
+    return {**paths, "model": train_tiny_lm(cache_dir, seed=seed)}

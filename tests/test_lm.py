@@ -1,0 +1,183 @@
+"""LM side of retrieval TTT: scoring convention, LoRA state handling, fine-tuning, logit lens.
+
+The model is a tiny GPT-2 built here with a tokenizer trained in about a second on pydoc
+text, so the tests never wait for (or depend on) the cached default model.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pipeline.data.text import chunk_document, pydoc_documents, train_tokenizer  # noqa: E402
+from ttt import lm  # noqa: E402
+from workers.lm_adapter import CausalLMAdapter  # noqa: E402
+
+TEXT = pydoc_documents()[0][1][:700]  # the "assert" topic: real text with a few hundred tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    texts = [c for _, doc in pydoc_documents()[:40] for c in chunk_document(doc)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    out = tmp_path_factory.mktemp("tiny_lm")
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def adapter(model_dir):
+    torch.manual_seed(0)
+    return CausalLMAdapter(model_dir, lora={"rank": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj"]})
+
+
+def _score(adapter, texts):
+    batch = next(iter(adapter.build_loader([{"sample_id": str(i), "text": t} for i, t in enumerate(texts)],
+                                           batch_size=len(texts))))
+    return adapter.predict(batch)
+
+
+def test_bits_per_byte_by_hand():
+    assert lm.bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
+    assert lm.bits_per_byte(0.0, 7) == 0.0
+    with pytest.raises(ValueError):
+        lm.bits_per_byte(1.0, 0)
+
+
+def test_windows_score_every_token_once():
+    ids = list(range(1, 24))
+    for width in (4, 5, 8, 23, 40):
+        scored = [t for window, labels in lm.token_windows(ids, width) for t in labels if t != lm.IGNORE]
+        assert scored == ids[1:]
+        assert all(len(w) <= width for w, _ in lm.token_windows(ids, width))
+
+
+def test_nll_equals_manual_sum_of_log_probs(adapter):
+    """Adapter nll = sum over every token after BOS of -log p, in one unpadded forward."""
+    text = TEXT[:150]  # fits one window, so one plain forward is the reference
+    ids = lm.encode_with_bos(adapter.tokenizer, text)
+    assert len(ids) <= adapter.max_length and adapter.tokenizer.decode(ids[1:]) == text
+    with torch.no_grad():
+        logp = adapter.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    manual = -sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    # scored next to a longer text, so padding and windowing are in play too
+    row = _score(adapter, [text, TEXT])[0]
+    assert row["nll"] == pytest.approx(manual, rel=1e-5)
+    assert row["n_tokens"] == len(ids) - 1 and row["n_bytes"] == len(text.encode())
+    assert row["bits_per_byte"] == pytest.approx(manual / (math.log(2) * len(text.encode())))
+
+
+def test_long_text_loss_matches_predict(adapter):
+    row = _score(adapter, [TEXT])[0]
+    assert row["n_tokens"] > adapter.max_length  # spans several windows
+    with torch.no_grad():
+        loss = adapter.lm_loss([TEXT])
+    assert float(loss) * row["n_tokens"] == pytest.approx(row["nll"], rel=1e-5)
+
+
+def test_record_without_text_is_an_error_entry(adapter):
+    records = [{"sample_id": "a", "text": TEXT[:100]}, {"sample_id": "b"}, {"sample_id": "c", "text": ""},
+               {"sample_id": "d", "text": float("nan")}]
+    batch = next(iter(adapter.build_loader(records, batch_size=4)))
+    assert [r["sample_id"] for r in batch.records] == ["a"]
+    assert [r["sample_id"] for r, _ in batch.errors] == ["b", "c", "d"]
+    assert "no 'text'" in batch.errors[0][1]
+    assert len(adapter.predict(batch)) == 1
+    empty = next(iter(adapter.build_loader([{"sample_id": "x"}], batch_size=1)))
+    assert empty.inputs is None and adapter.predict(empty) == []
+
+
+def test_lora_reset_is_bitwise_and_state_swap_reproduces_logits(adapter):
+    model = adapter.get_model()
+    base = lm.lora_state(model)
+    x = torch.tensor([lm.encode_with_bos(adapter.tokenizer, TEXT[:120])])
+    with torch.no_grad():
+        before = model(input_ids=x).logits.clone()
+    losses = lm.finetune_on_texts(model, adapter.lm_loss, [TEXT[:300]] * 3, lr=1e-2)
+    assert len(losses) == 3
+    with torch.no_grad():
+        trained_logits = model(input_ids=x).logits.clone()
+    assert not torch.equal(trained_logits, before)
+    trained = lm.lora_state(model)
+    lm.reset_lora(model, base)
+    assert all(torch.equal(p, base[n]) for n, p in lm.lora_state(model).items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+    lm.load_lora_state(model, trained)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, trained_logits)
+    with pytest.raises(ValueError, match="does not fit"):
+        lm.load_lora_state(model, {"nope": torch.zeros(1)})
+
+
+def test_only_lora_weights_train(adapter):
+    model = adapter.get_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    lm.finetune_on_texts(model, adapter.lm_loss, [TEXT[:200]] * 2, lr=1e-2)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_finetuning_on_a_text_lowers_its_nll(adapter):
+    text = TEXT[:400]
+    before = _score(adapter, [text])[0]["nll"]
+    losses = lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [text] * 4, lr=1e-2, epochs=2)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert _score(adapter, [text])[0]["nll"] < before
+    batch_losses = lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [text, text], lr=1e-2,
+                                        epochs=3, one_step_per_neighbour=False)
+    assert len(batch_losses) == 3
+
+
+def test_logit_lens_last_layer_is_the_models_output(adapter):
+    model, tok = adapter.get_model(), adapter.tokenizer
+    text = TEXT[:120]
+    records = adapter.logit_lens(text, top_k=5)
+    n_layer = lm.unwrap(model).config.n_layer
+    assert [r["layer"] for r in records] == list(range(n_layer + 1))
+    ids = lm.encode_with_bos(tok, text)
+    with torch.no_grad():
+        probs = model(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+    top = probs.topk(5)
+    assert records[-1]["top_ids"] == top.indices.tolist()
+    assert records[-1]["top_probs"] == pytest.approx(top.values.tolist(), rel=1e-5)
+    # an intermediate layer is that block's output read through ln_f and the unembedding
+    base = lm.unwrap(model)
+    seen = {}
+    handle = base.transformer.h[0].register_forward_hook(lambda m, i, o: seen.setdefault("h", o))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+        handle.remove()
+        block_out = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
+        mid = base.lm_head(base.transformer.ln_f(block_out[0, -1])).softmax(-1)
+    assert records[1]["top_probs"] == pytest.approx(mid.topk(5).values.tolist(), rel=1e-5)
+    rows = lm.lens_rows(records, stage="before")
+    assert len(rows) == 5 * len(records) and rows[0]["stage"] == "before" and rows[0]["rank"] == 0
+
+
+def test_score_choices_prefers_the_trained_continuation(adapter):
+    context, good, bad = TEXT[:80], TEXT[80:100], " zebra quantum"
+    lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [TEXT[:100]] * 6, lr=2e-2)
+    scores = adapter.score_choices(context, [good, bad])
+    assert len(scores) == 2 and scores[0] > scores[1]
+
+
+def test_attach_lora_refuses_unknown_targets(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    with pytest.raises(ValueError, match="none of target_modules"):
+        lm.attach_lora(model, target_modules=["q_proj"])

@@ -1,0 +1,293 @@
+"""Pure torch/PEFT helpers for test-time training of causal LMs (retrieval TTT, `nn`).
+
+Why a module of its own: the LM side of `nn` needs LoRA adapters that can be attached once,
+snapshotted, swapped (adapter cache) and reset exactly; the Hardt & Sun fine-tune loop (one
+Adam step per retrieved neighbour, nearest first); a scoring convention shared by the model
+adapter and the loss (BOS-prepended, strided windows, so every byte of a text is scored
+exactly once); and a logit lens for before/after analysis. No Ray, no `pipeline` here.
+
+Scoring convention: a text is encoded without the tokenizer's own special tokens and one
+BOS (the tokenizer's bos token, else its eos token) is prepended, so the first real token is
+predicted too and `bits_per_byte = nll / (ln 2 * utf8_bytes)` covers the whole text. Texts
+longer than the model's context are scored in windows that overlap by half: each token is
+scored once, with at least half a context of history.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100  # label value that the loss skips (context-only and padding positions)
+FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "ln_final", "final_norm")
+
+
+# -- metric -----------------------------------------------------------------------------
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Summed negative log-likelihood (nats) -> bits per UTF-8 byte (the TTT-NN paper's metric)."""
+    if n_bytes <= 0:
+        raise ValueError(f"bits_per_byte needs a positive byte count, got {n_bytes}")
+    return float(nll_nats) / (math.log(2) * n_bytes)
+
+
+# -- tokenisation and windows -------------------------------------------------------------
+def bos_id(tokenizer: Any) -> int:
+    """The token prepended to every scored text: bos if the tokenizer has one, else eos."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a bos nor an eos token to prepend")
+    return int(tid)
+
+
+def encode_with_bos(tokenizer: Any, text: str) -> list[int]:
+    # add_special_tokens=False: some tokenizers add BOS themselves, some never; prepending
+    # ours keeps one convention for every model.
+    return [bos_id(tokenizer)] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def token_windows(ids: Sequence[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Split BOS-prefixed `ids` into (input_ids, labels) windows of <= max_length tokens.
+
+    `labels` is aligned with `input_ids` (the HF convention; the loss shifts by one) and holds
+    IGNORE where a token is context only, so across windows every token after the BOS is a
+    target exactly once.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    ids = list(ids)
+    n = len(ids)
+    if n <= max_length:
+        return [(ids, [IGNORE] + ids[1:])]
+    stride = max_length // 2
+    windows = [(ids[:max_length], [IGNORE] + ids[1:max_length])]
+    end = max_length
+    while end < n:
+        new_end = min(n, end + stride)
+        start = new_end - max_length
+        window = ids[start:new_end]
+        scored_from = end - start
+        windows.append((window, [IGNORE] * scored_from + window[scored_from:]))
+        end = new_end
+    return windows
+
+
+def pad_windows(windows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad windows into (input_ids, attention_mask, labels) tensors.
+
+    Right padding keeps real tokens at positions 0..len-1 and, with causal attention, real
+    tokens never see the padding, so the logits of real positions equal an unpadded forward.
+    """
+    width = max(len(w) for w, _ in windows)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(windows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for i, (w, lab) in enumerate(windows):
+        input_ids[i, :len(w)] = torch.tensor(w)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(w)] = 1
+    return input_ids, mask, labels
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position negative log-likelihood (nats) of `labels` under `logits`, 0 where ignored.
+
+    Shape (windows, width - 1): position t holds -log p(labels[t+1] | tokens <= t).
+    """
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none")
+    return nll.view(targets.shape)
+
+
+def model_max_length(model: nn.Module, cap: int = 1024) -> int:
+    """The context a model was built for (n_positions / max_position_embeddings), capped."""
+    config = unwrap(model).config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return cap
+
+
+# -- LoRA -----------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself when not wrapped)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def attach_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                target_modules: Sequence[str] | None = None) -> nn.Module:
+    """Wrap `model` in a PEFT LoRA model; only the LoRA weights stay trainable.
+
+    `target_modules=None` takes PEFT's default for the architecture (GPT-2: c_attn; Llama:
+    q_proj, v_proj). GPT-2's Conv1D layers store weights transposed, so `fan_in_fan_out` is set
+    whenever a targeted module is a Conv1D (PEFT would otherwise warn and flip it itself).
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+    from transformers.pytorch_utils import Conv1D
+
+    if hasattr(model, "peft_config"):
+        raise ValueError(f"attach_lora: {type(model).__name__} already carries a PEFT adapter")
+    targets = list(target_modules) if target_modules else DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""))
+    if not targets:
+        raise ValueError(f"attach_lora: no default LoRA target_modules for {type(model).__name__}; pass target_modules")
+    matched = [m for name, m in model.named_modules() if name.split(".")[-1] in targets]
+    if not matched:
+        raise ValueError(f"attach_lora: none of target_modules {targets} exists in {type(model).__name__}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched), bias="none")
+    with warnings.catch_warnings():
+        # PEFT 0.21 calls a transformers 5 API that warns about its own deprecation.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    # Names are taken relative to the unwrapped model so a state moves between a PeftModel
+    # and the base model it wraps (or another replica) under the same keys.
+    params = {n: p for n, p in unwrap(model).named_parameters() if "lora_" in n}
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no LoRA parameters (call attach_lora first)")
+    return params
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the LoRA weights only (what the adapter cache stores and ships)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in _lora_params(model).items()}
+
+
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a `lora_state` into the model's LoRA weights in place (same keys, same shapes)."""
+    params = _lora_params(model)
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+
+
+def reset_lora(model: nn.Module, base_state: dict[str, torch.Tensor]) -> None:
+    """Back to the LoRA initialisation captured right after `attach_lora` (bitwise)."""
+    load_lora_state(model, base_state)
+
+
+# -- fine-tuning ------------------------------------------------------------------------------
+def finetune_on_texts(model: nn.Module, loss_fn: Callable[[list[str]], torch.Tensor], texts: Sequence[str], *,
+                      lr: float, epochs: int = 1, grad_clip: float | None = 1.0,
+                      one_step_per_neighbour: bool = True,
+                      params: Sequence[nn.Parameter] | None = None) -> list[float]:
+    """Fine-tune the trainable parameters on `texts` with a fresh Adam; return the losses.
+
+    `one_step_per_neighbour=True` is Hardt & Sun's TTT-NN: one gradient step per text, in the
+    order given (pass neighbours nearest first, as the paper does), `epochs` passes. With
+    False, each epoch is one step on all texts together. Each loss is measured before its
+    step. A non-finite loss or gradient stops the loop without updating (the caller restores
+    and reports). The model is in train mode while it trains and back in its old mode after.
+    """
+    if not texts:
+        return []
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"finetune_on_texts: {type(model).__name__} has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    batches = [[t] for t in texts] if one_step_per_neighbour else [list(texts)]
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    try:
+        for _ in range(epochs):
+            for batch in batches:
+                loss = loss_fn(batch)
+                losses.append(float(loss.detach()))
+                if not torch.isfinite(loss):
+                    return losses
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad for p in params if p.grad is not None]
+                if not all(torch.isfinite(g).all() for g in grads):
+                    optimizer.zero_grad(set_to_none=True)
+                    return losses
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return losses
+
+
+# -- logit lens -----------------------------------------------------------------------------
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied before the unembedding (GPT-2: transformer.ln_f, Llama: model.norm)."""
+    found = [(name, m) for name, m in unwrap(model).named_modules() if name.split(".")[-1] in FINAL_NORM_NAMES]
+    if not found:
+        raise ValueError(f"logit_lens: cannot find the final norm of {type(unwrap(model)).__name__} "
+                         f"(looked for {FINAL_NORM_NAMES})")
+    return min(found, key=lambda item: item[0].count("."))[1]  # the top-level one, not a block's
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, tokenizer: Any, text: str, top_k: int = 5, position: int = -1,
+               max_length: int | None = None) -> list[dict[str, Any]]:
+    """Next-token distribution read off every layer's residual stream at one position.
+
+    Layer 0 is the embedding output, layer i the output of block i; layers below the last go
+    through the final norm and the unembedding, the last layer is the model's own logits
+    (transformers already returns it after the final norm). The text is BOS-prefixed as in
+    scoring and cut to its last `max_length` tokens; `position` indexes that sequence
+    (-1: the prediction after the whole text). Works on PEFT-wrapped models (LoRA included).
+    """
+    ids = encode_with_bos(tokenizer, text)[-(max_length or model_max_length(model)):]
+    pos = position if position >= 0 else len(ids) + position
+    if not 0 <= pos < len(ids):
+        raise ValueError(f"logit_lens: position {position} outside a sequence of {len(ids)} tokens")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
+    finally:
+        model.train(was_training)
+    hidden = out.hidden_states
+    norm, head = final_norm(model), unwrap(model).get_output_embeddings()
+    target = ids[pos + 1] if pos + 1 < len(ids) else None
+    records = []
+    for layer in range(len(hidden)):
+        logits = out.logits[0, pos] if layer == len(hidden) - 1 else head(norm(hidden[layer][0, pos]))
+        probs = logits.float().softmax(-1)
+        top = probs.topk(min(top_k, probs.numel()))
+        records.append({
+            "layer": layer,
+            "position": pos,
+            "input_token": tokenizer.decode([ids[pos]]),
+            "top_ids": top.indices.tolist(),
+            "top_tokens": [tokenizer.decode([i]) for i in top.indices.tolist()],
+            "top_probs": top.values.tolist(),
+            "entropy": float(-(probs * probs.clamp_min(1e-30).log()).sum()),
+            "target_prob": float(probs[target]) if target is not None else None,
+        })
+    return records
+
+
+def lens_rows(records: Sequence[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
+    """Flatten logit-lens records to one row per (layer, rank), DataFrame-ready.
+
+    `tags` (e.g. stage="before", sample_id=...) are copied into every row so before/after
+    lenses concatenate into one table.
+    """
+    rows = []
+    for rec in records:
+        for rank, (tid, tok, prob) in enumerate(zip(rec["top_ids"], rec["top_tokens"], rec["top_probs"])):
+            rows.append({**tags, "layer": rec["layer"], "position": rec["position"], "rank": rank,
+                         "token_id": tid, "token": tok, "prob": prob, "entropy": rec["entropy"],
+                         "target_prob": rec["target_prob"]})
+    return rows
