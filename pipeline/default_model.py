@@ -80,7 +80,7 @@ def train_source_model(x_train, y_train, *, seed: int = 0, epochs: int = 6, batc
             opt.zero_grad()
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             total += len(idx)
             correct += int((logits.argmax(1) == yb).sum())
         sched.step()
