@@ -184,27 +184,30 @@ def run_job(cfg: RunConfig) -> Path:
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the driver prints its own per-shard progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ds = ray.data.read_parquet(cfg.data.manifest)
-    if cfg.data.limit is not None:
-        ds = ds.limit(cfg.data.limit)
-    n_rows = ds.count()
-    bounds = shard_bounds(n_rows, cfg.workers.num_shards)
     done = completed_shards(run_dir, config_hash)
-    todo = [s for s in range(len(bounds)) if s not in done and bounds[s][1] > bounds[s][0]]
-    if done:
-        log(f"resuming {run_id}: {len(done)} shard(s) already written, {len(todo)} to go")
+    shards_left = cfg.workers.num_shards - len(done)
+    # Workers start (importing torch, loading the model) while the driver reads the manifest.
+    pool = _Pool(cfg, run_id, worker_count(cfg, resources, shards_left)) if shards_left else None
     t0 = time.perf_counter()
     restarts = 0
-    pool = None
     try:
+        # materialize once: count and split then reuse the blocks instead of re-reading the files
+        ds = ray.data.read_parquet(cfg.data.manifest)
+        if cfg.data.limit is not None:
+            ds = ds.limit(cfg.data.limit)
+        ds = ds.materialize()
+        n_rows = ds.count()
+        bounds = shard_bounds(n_rows, cfg.workers.num_shards)
+        todo = [s for s in range(len(bounds)) if s not in done and bounds[s][1] > bounds[s][0]]
+        if done:
+            log(f"resuming {run_id}: {len(done)} shard(s) already written, {len(todo)} to go")
         if todo:
             splits = ds.split_at_indices([b[0] for b in bounds[1:]])
-            size = worker_count(cfg, resources, len(todo))
-            log(f"run {run_id}: {n_rows} rows, {len(bounds)} shards, {size} worker(s), method {cfg.ttt.method}")
-            pool = _Pool(cfg, run_id, size)
+            log(f"run {run_id}: {n_rows} rows, {len(bounds)} shards, {len(pool.actors)} worker(s), "
+                f"method {cfg.ttt.method}")
             pending = deque((s, 1) for s in todo)
             running: dict[Any, tuple[int, int, int]] = {}
-            idle = list(range(size))
+            idle = list(range(len(pool.actors)))
             last_report = time.perf_counter()
             rows_written = sum(bounds[s][1] - bounds[s][0] for s in done)
             while pending or running:

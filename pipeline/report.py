@@ -1,0 +1,405 @@
+"""`python -m pipeline report RUN_DIR [RUN_DIR ...] [--out DIR]`: CSV tables, PNG plots and a
+report.md for runs, read from their run directories alone.
+
+Why a module of its own: a report needs only the run directory (DESIGN.md, Outputs), so it
+works on finished, failed and half-written runs alike, without Ray or torch. Figures are drawn
+on matplotlib `Figure` objects (the Agg canvas) rather than pyplot, so importing this module in
+a notebook leaves the notebook's backend and global figure state alone.
+
+Where files go: every RUN_DIR gets its own RUN_DIR/report/. Given several RUN_DIRs, a
+comparison report (the same files, with one row, line or bar per run) goes to --out, or to
+FIRST_RUN_DIR/report/compare/ without --out, so it never overwrites the first run's own report.
+
+What is written (each plot is skipped, with a note in report.md, when its data is absent):
+- error_by_domain.csv / .png: rows, scored rows, wrong, error rows and error (and bits per
+  byte for LM runs) per run and domain, computed from results; a row is scored when `correct`
+  is not null, as in summary.json.
+- stream.png: first-step adaptation loss and normalised class entropy along the stream
+  (analysis ordered by shard, then batch_index; x counts samples, so runs with different batch
+  sizes line up).
+- cache.png / cache.csv: cumulative adapter-cache hit rate along the stream and evictions
+  (over time from an analysis column `cache_evictions` when a run records it, else the
+  run's total from summary.json).
+- timing.csv / .png: milliseconds per sample in each timing_* stage, stacked (per shard for
+  one run, per run for a comparison).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from pipeline.runs import RunSet, run_labels
+
+REPORT_DIR = "report"
+STAGES = ["timing_embedding", "timing_cache_lookup", "timing_kb_retrieval", "timing_fine_tuning",
+          "timing_forward_pass"]
+RESULT_COLUMNS = ["run_id", "domain", "correct", "error", "adapter_source", "nll", "n_bytes"]
+ANALYSIS_COLUMNS = ["run_id", "shard", "batch_index", "domain", "sample_ids", "losses", "steps", "class_entropy",
+                    "used_cache", "cache_evictions", *STAGES, "timing_total"]
+DPI = 110
+OUTPUTS = ("report.md", "error_by_domain.csv", "error_by_domain.png", "stream.png", "cache.csv", "cache.png",
+           "timing.csv", "timing.png")
+
+
+# ------------------------------------------------------------------------------- tables
+
+def error_table(results: pd.DataFrame, runs: RunSet, labels: list[str]) -> pd.DataFrame:
+    """Long table: one row per (run, domain) with counts, error and, for LM runs, bits per byte."""
+    meta = {m["run_id"]: (label, m.get("method")) for m, label in zip(runs, labels)}
+    lm = "nll" in results.columns and results["nll"].notna().any()
+    rows = []
+    for (run_id, domain), group in results.groupby(["run_id", "domain"], sort=False, dropna=False):
+        label, method = meta.get(run_id, (run_id, None))
+        scored = int(group["correct"].notna().sum())
+        wrong = int(group["correct"].eq(False).sum())
+        row = {"run_id": run_id, "label": label, "method": method,
+               "domain": "(none)" if pd.isna(domain) else domain, "n": len(group), "scored": scored,
+               "wrong": wrong, "error_rows": int(group["error"].notna().sum()),
+               "error": wrong / scored if scored else np.nan}
+        if lm:
+            ok = group[group["error"].isna() & group["nll"].notna() & (group["n_bytes"] > 0)]
+            row["bits_per_byte"] = (ok["nll"].sum() / (ok["n_bytes"].sum() * math.log(2))) if len(ok) else np.nan
+        rows.append(row)
+    columns = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error"]
+    counts = {"n": "int64", "scored": "int64", "wrong": "int64", "error_rows": "int64", "error": "float64"}
+    # Typed even when empty (a run with no parts yet), so sums and ratios downstream stay numeric.
+    return pd.DataFrame(rows, columns=columns + (["bits_per_byte"] if lm else [])).astype(counts)
+
+
+def wide(table: pd.DataFrame, value: str, labels: list[str]) -> pd.DataFrame:
+    """Runs as rows, domains as columns (in stream order), plus the mean over domains."""
+    out = table.pivot_table(index="label", columns="domain", values=value, sort=False, dropna=False)
+    out = out.reindex(index=[lab for lab in labels if lab in out.index], columns=list(dict.fromkeys(table["domain"])))
+    out["mean"] = out.mean(axis=1)
+    return out
+
+
+def stream_frame(analysis: pd.DataFrame, runs: RunSet, labels: list[str]) -> pd.DataFrame:
+    """Analysis rows in stream order with `x` = samples seen so far within each run."""
+    order = {rid: i for i, rid in enumerate(runs.run_ids)}
+    label_of = dict(zip(runs.run_ids, labels))
+    frame = analysis.assign(_run=analysis["run_id"].map(order).fillna(len(order)))
+    frame = frame.sort_values(["_run", "shard", "batch_index"], kind="stable").reset_index(drop=True)
+    # astype: on an empty frame `map` yields object columns, which cumsum and plotting reject.
+    sizes = frame["sample_ids"].map(lambda ids: 1 if ids is None else max(len(ids), 1)).astype("int64")
+    frame["samples"] = sizes
+    frame["x"] = sizes.groupby(frame["_run"]).cumsum()
+    frame["label"] = frame["run_id"].map(label_of).fillna(frame["run_id"])
+    frame["loss_first"] = frame["losses"].map(lambda v: v[0] if v is not None and len(v) else np.nan).astype(float)
+    frame["loss_last"] = frame["losses"].map(lambda v: v[-1] if v is not None and len(v) else np.nan).astype(float)
+    return frame
+
+
+def timing_table(stream: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Milliseconds per sample in each stage, per group; `other` is total minus the stages."""
+    rows = []
+    for key, group in stream.groupby(by, sort=False):
+        samples = group["samples"].sum()
+        row = {by: key, "batches": len(group), "samples": int(samples)}
+        stage_sum = 0.0
+        for stage in STAGES:
+            value = group[stage].sum(min_count=1) if stage in group else np.nan
+            row[stage.removeprefix("timing_")] = 1000 * value / samples if pd.notna(value) else np.nan
+            stage_sum += 0.0 if pd.isna(value) else value
+        total = group["timing_total"].sum(min_count=1) if "timing_total" in group else np.nan
+        row["other"] = 1000 * max(total - stage_sum, 0.0) / samples if pd.notna(total) else np.nan
+        row["total"] = 1000 * total / samples if pd.notna(total) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------- plots
+
+def _rolling(values: pd.Series) -> pd.Series:
+    # A window of ~1/40 of the stream keeps the trend readable on streams of any length.
+    return values.rolling(max(1, len(values) // 40), center=True, min_periods=1).mean()
+
+
+def _heatmap(table: pd.DataFrame, title: str, percent: bool, path: Path) -> None:
+    data = table.to_numpy(dtype=float)
+    rows, cols = data.shape
+    fig = Figure(figsize=(max(6.0, 0.8 * cols + 3), max(2.4, 0.5 * rows + 2)), layout="constrained")
+    ax = fig.add_subplot()
+    finite = data[np.isfinite(data)]
+    vmax = float(finite.max()) if finite.size else 1.0
+    cmap = colormaps["YlOrRd"].with_extremes(bad="#dddddd")  # grey: no scored rows in that cell
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax or 1.0, aspect="auto")
+    for r in range(rows):
+        for c in range(cols):
+            value = data[r, c]
+            text = "-" if not np.isfinite(value) else (f"{100 * value:.1f}" if percent else f"{value:.3f}")
+            dark = np.isfinite(value) and value > 0.6 * vmax
+            ax.text(c, r, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(cols), labels=list(table.columns), rotation=45, ha="right")
+    ax.set_yticks(range(rows), labels=list(table.index))
+    if "mean" in table.columns:
+        ax.axvline(cols - 1.5, color="black", linewidth=1.5)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.9, label="error" if percent else "bits per byte",
+                 format=PercentFormatter(1.0) if percent else None)
+    fig.savefig(path, dpi=DPI)
+
+
+def _mark_stream(ax: Any, frame: pd.DataFrame, domain_labels: bool) -> None:
+    """One run: dashed lines where shards start, dotted lines (and top labels) where domains change."""
+    starts = frame["x"] - frame["samples"]
+    for start in starts[frame["shard"].ne(frame["shard"].shift())].iloc[1:]:
+        ax.axvline(start, color="grey", linestyle="--", linewidth=1)
+    domain = frame["domain"].fillna("(none)")
+    change = domain.ne(domain.shift()) | frame["shard"].ne(frame["shard"].shift())
+    seg_start = starts[change].to_numpy()
+    seg_end = np.append(seg_start[1:], frame["x"].iloc[-1])
+    names = domain[change].tolist()
+    for s in seg_start[1:]:
+        ax.axvline(s, color="lightgrey", linestyle=":", linewidth=0.8)
+    if domain_labels and len(names) <= 60:
+        top = ax.secondary_xaxis("top")
+        top.set_xticks((seg_start + seg_end) / 2, labels=names)
+        top.tick_params(labelrotation=90, labelsize=7, length=0)
+
+
+def _stream_plot(stream: pd.DataFrame, single: bool, path: Path) -> bool:
+    has_loss = stream["loss_first"].notna().any()
+    has_entropy = "class_entropy" in stream and stream["class_entropy"].notna().any()
+    if not (has_loss or has_entropy):
+        return False
+    fig = Figure(figsize=(11, 6.5), layout="constrained")
+    ax_loss, ax_ent = fig.subplots(2, 1, sharex=True)
+    multi_step = "steps" in stream and (stream["steps"].fillna(0) > 1).any()
+    colors = [f"C{i % 10}" for i in range(stream["label"].nunique())]
+    for color, (label, run) in zip(colors, stream.groupby("label", sort=False)):
+        if run["loss_first"].notna().any():
+            ax_loss.plot(run["x"], run["loss_first"], color=color, alpha=0.25, linewidth=0.8)
+            ax_loss.plot(run["x"], _rolling(run["loss_first"]), color=color, label=f"{label}: first step")
+            if multi_step:
+                ax_loss.plot(run["x"], _rolling(run["loss_last"]), color=color, linestyle="--",
+                             label=f"{label}: last step")
+        if has_entropy and run["class_entropy"].notna().any():
+            ax_ent.plot(run["x"], run["class_entropy"], color=color, alpha=0.25, linewidth=0.8)
+            ax_ent.plot(run["x"], _rolling(run["class_entropy"]), color=color, label=label)
+    if has_loss:
+        ax_loss.legend(fontsize=8, loc="upper right")
+    else:
+        ax_loss.text(0.5, 0.5, "no adaptation losses recorded", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set_ylabel("adaptation loss")
+    ax_ent.set_ylabel("class entropy (normalised)")
+    ax_ent.set_ylim(0, 1.05)
+    if has_entropy:
+        ax_ent.legend(fontsize=8, loc="lower right")
+    ax_ent.set_xlabel("samples into the stream (shards in manifest order; faint: per batch, solid: rolling mean)")
+    if single:
+        _mark_stream(ax_loss, stream, domain_labels=True)
+        _mark_stream(ax_ent, stream, domain_labels=False)
+    fig.savefig(path, dpi=DPI)
+    return True
+
+
+def _cache_plot(stream: pd.DataFrame, cache: pd.DataFrame, path: Path) -> None:
+    over_time = "cache_evictions" in stream and stream["cache_evictions"].notna().any()
+    fig = Figure(figsize=(11, 6.5 if over_time else 4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True) if over_time else [fig.subplots()]
+    for i, (label, run) in enumerate(stream[stream["label"].isin(cache["label"])].groupby("label", sort=False)):
+        used = run["used_cache"].astype("float")
+        cumulative = used.fillna(0).cumsum() / used.notna().cumsum().replace(0, np.nan)
+        evictions = cache.loc[cache["label"] == label, "evictions"].iloc[0]
+        suffix = "" if over_time or pd.isna(evictions) else f" ({int(evictions)} evictions in all)"
+        axes[0].plot(run["x"], cumulative, color=f"C{i % 10}", linewidth=2, label=f"{label}: cumulative{suffix}")
+        axes[0].plot(run["x"], _rolling(used), color=f"C{i % 10}", alpha=0.5, linewidth=0.8,
+                     label=f"{label}: rolling mean")
+        if over_time:
+            axes[1].plot(run["x"], run["cache_evictions"], color=f"C{i % 10}", label=label)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("cache hit rate")
+    axes[0].legend(fontsize=8, loc="lower right")
+    if over_time:
+        axes[1].set_ylabel("evictions so far")
+        axes[1].legend(fontsize=8)
+    axes[-1].set_xlabel("samples into the stream (shards in manifest order)")
+    fig.savefig(path, dpi=DPI)
+
+
+def _timing_plot(table: pd.DataFrame, by: str, path: Path) -> None:
+    every = [s.removeprefix("timing_") for s in STAGES] + ["other"]
+    parts = [p for p in every if table[p].fillna(0).gt(0).any()]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(table) + 3.5), 4.5), layout="constrained")
+    ax = fig.subplots()
+    names = [f"shard {v}" if by == "shard" else str(v) for v in table[by]]
+    bottom = np.zeros(len(table))
+    for part in parts:
+        values = table[part].fillna(0).to_numpy()
+        ax.bar(names, values, bottom=bottom, label=part, color=f"C{every.index(part)}")  # same colour in every report
+        bottom += values
+    for i, total in enumerate(table["total"]):
+        if pd.isna(total):
+            ax.text(i, 0, "no timing", ha="center", va="bottom", fontsize=8, color="grey")
+    ax.set_ylabel("ms per sample")
+    ax.set_title("time per stage")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
+    fig.savefig(path, dpi=DPI)
+
+
+# ------------------------------------------------------------------------------- report
+
+def _md_table(frame: pd.DataFrame, index: bool = False) -> str:
+    # Cells become text first: tabulate would otherwise print integer columns with the float format.
+    text = frame.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
+                       if pd.api.types.is_float_dtype(col) else col.map(lambda v: "-" if v is None else str(v)))
+    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in frame.columns]
+    return text.to_markdown(index=index, disable_numparse=True, colalign=(["left"] if index else []) + align)
+
+
+def _cache_table(runs: RunSet, labels: list[str], stream: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Runs that used the adapter cache: summary.json counters and what the rows recorded."""
+    rows = []
+    for i, (meta, label) in enumerate(zip(runs, labels)):
+        counters = (runs.summary(i) or {}).get("cache") or {}
+        run_stream = stream[stream["run_id"] == meta["run_id"]]
+        used = run_stream["used_cache"].dropna().astype(bool) if "used_cache" in run_stream else pd.Series(dtype=bool)
+        if not counters and not used.any():
+            continue
+        sources = results.loc[results["run_id"] == meta["run_id"], "adapter_source"].value_counts()
+        rows.append({"label": label, "hits": counters.get("hits"), "misses": counters.get("misses"),
+                     "evictions": counters.get("evictions"), "hit_rate": counters.get("hit_rate"),
+                     "queries_from_cache": float(used.mean()) if len(used) else np.nan,
+                     "rows_cache": int(sources.get("cache", 0)), "rows_fresh": int(sources.get("fresh", 0)),
+                     "rows_none": int(sources.get("none", 0))})
+    return pd.DataFrame(rows, columns=["label", "hits", "misses", "evictions", "hit_rate", "queries_from_cache",
+                                       "rows_cache", "rows_fresh", "rows_none"])
+
+
+def _error_rows_md(results: pd.DataFrame, runs: RunSet, labels: list[str]) -> list[str]:
+    bad = results[results["error"].notna()]
+    if bad.empty:
+        return []
+    lines = ["## Rows with errors", "", "Rows whose `error` is set are counted in `error_rows` and left out of the error rate.", ""]
+    label_of = dict(zip(runs.run_ids, labels))
+    for run_id, group in bad.groupby("run_id", sort=False):
+        lines.append(f"- {label_of.get(run_id, run_id)}: {len(group)} row(s); most frequent:")
+        for message, count in group["error"].value_counts().head(5).items():
+            lines.append(f"  - {count} x `{str(message)[:160]}`")
+    return lines + [""]
+
+
+def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
+    """Write the CSVs, PNGs and report.md for `runs` into `out_dir`; returns report.md's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # a plot skipped this time must not leave last time's file behind
+        (out_dir / name).unlink(missing_ok=True)
+    single = len(runs) == 1
+    labels = run_labels(runs)
+    have_r, have_a = runs.schema("results").names, runs.schema("analysis").names
+    results = runs.results([c for c in RESULT_COLUMNS if c in have_r])
+    analysis = runs.analysis([c for c in ANALYSIS_COLUMNS if c in have_a])
+    stream = stream_frame(analysis, runs, labels)
+
+    md = [f"# Report: {title}", "",
+          f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run(s).", ""]
+    errors = error_table(results, runs, labels)
+    errors.to_csv(out_dir / "error_by_domain.csv", index=False)
+    per_run = errors.groupby("run_id", sort=False)[["n", "scored", "wrong", "error_rows"]].sum()
+    per_run = per_run.reindex(runs.run_ids).fillna(0)
+    per_run["error"] = per_run["wrong"] / per_run["scored"].replace(0, np.nan)
+    overview = pd.DataFrame([{
+        "label": label, "run_id": meta["run_id"], "experiment": meta.get("experiment"), "tag": meta.get("tag") or "-",
+        "status": meta.get("status"), "predict_from": meta.get("predict_from"), "rows": int(counts["n"]),
+        "error rows": int(counts["error_rows"]), "error %": 100 * counts["error"],
+    } for meta, label, (_, counts) in zip(runs, labels, per_run.iterrows())])
+    md += ["## Runs", "", _md_table(overview), ""]
+    unfinished = [f"{label} is {meta.get('status')}" for meta, label in zip(runs, labels) if meta.get("status") != "finished"]
+    if unfinished:
+        md += [f"**Note:** {'; '.join(unfinished)}: figures show the parts written so far.", ""]
+
+    md += ["## Error per domain", ""]
+    value = "error" if errors["scored"].sum() else ("bits_per_byte" if "bits_per_byte" in errors else None)
+    if value is None:
+        md += ["No scored rows (no results yet, or every `correct` is null): plot skipped.", ""]
+    else:
+        table = wide(errors, value, labels)
+        percent = value == "error"
+        _heatmap(table, "error per domain (%)" if percent else "bits per byte per domain", percent,
+                 out_dir / "error_by_domain.png")
+        md += ["![error per domain](error_by_domain.png)", "",
+               ("Error % per domain; `mean` is the mean over the domains a run has." if percent else "Bits per byte per domain."), "",
+               _md_table(100 * table if percent else table, index=True), ""]
+        if percent and "bits_per_byte" in errors:
+            md += ["Bits per byte:", "", _md_table(wide(errors, "bits_per_byte", labels), index=True), ""]
+    md += ["Full table: [error_by_domain.csv](error_by_domain.csv)", ""]
+    md += _error_rows_md(results, runs, labels)
+
+    md += ["## Along the stream", ""]
+    if _stream_plot(stream, single, out_dir / "stream.png"):
+        md += ["![loss and class entropy along the stream](stream.png)", "",
+               "Top: adaptation loss at the first step of each batch (the loss before that batch's update"
+               + ("; dashed: last step" if "steps" in stream and (stream["steps"].fillna(0) > 1).any() else "")
+               + "). Bottom: normalised entropy of the predicted class distribution of each batch."
+               + (" Dashed vertical lines: shard starts; top labels: domains." if single else ""), ""]
+    else:
+        md += ["No losses or class entropy recorded (e.g. `source` or `norm`, or no analysis rows): plot skipped.", ""]
+
+    md += ["## Adapter cache", ""]
+    cache = _cache_table(runs, labels, stream, results)
+    if cache.empty:
+        md += ["No run used the adapter cache (`used_cache` is null throughout and summary.json has no cache "
+               "counters): plot skipped.", ""]
+    else:
+        cache.to_csv(out_dir / "cache.csv", index=False)
+        _cache_plot(stream, cache, out_dir / "cache.png")
+        md += ["![cache hit rate along the stream](cache.png)", "", _md_table(cache), "",
+               "Counters come from summary.json; `queries_from_cache` from analysis `used_cache`; `rows_*` count "
+               "results by `adapter_source`.", ""]
+
+    md += ["## Time per stage", ""]
+    by = "shard" if single else "label"
+    timing = timing_table(stream, by) if len(stream) else pd.DataFrame()
+    parts = [s.removeprefix("timing_") for s in STAGES] + ["other"]
+    if timing.empty or not timing[parts].fillna(0).gt(0).any().any():
+        md += ["No timing recorded: plot skipped.", ""]
+    else:
+        timing.to_csv(out_dir / "timing.csv", index=False)
+        _timing_plot(timing, by, out_dir / "timing.png")
+        md += ["![time per stage](timing.png)", "", "Milliseconds per sample, summed over batches"
+               + (" per shard." if single else " per run.") + " `other` is `timing_total` minus the stages.", "",
+               _md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
+
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def write_reports(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
+    """A report in each RUN_DIR/report/, plus a comparison (to `out`, else the first run's report/compare/)."""
+    runs = RunSet.from_dirs(run_dirs)
+    written = [render(runs[i:i + 1], runs.path(i) / REPORT_DIR, runs[i]["run_id"]) for i in range(len(runs))]
+    if len(runs) > 1:
+        target = Path(out) if out is not None else runs.path(0) / REPORT_DIR / "compare"
+        written.append(render(runs, target, f"comparison of {len(runs)} runs"))
+    return written
+
+
+def report_main(argv: list[str]) -> int:
+    """`python -m pipeline report RUN_DIR [RUN_DIR ...] [--out DIR]`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline report",
+                                     description="write CSV + PNG reports and report.md into RUN_DIR/report/")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    parser.add_argument("--out", help="where the comparison of several runs goes "
+                                      "(default: FIRST_RUN_DIR/report/compare/)")
+    args = parser.parse_args(argv)
+    try:
+        for path in write_reports(args.run_dirs, args.out):
+            print(path)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,399 @@
+"""Run registry: select run directories by their metadata, load them, compare them, tidy them.
+
+Why: every run is a self-describing directory (DESIGN.md, "Outputs: one directory per run"),
+so the directory tree under the output root is the database, in the spirit of easyroutine's
+ActivationSaver/Loader. A notebook asks `query_runs(root, method="tent")` and gets a RunSet;
+`python -m pipeline runs list|show|compare` prints the same selections as tables.
+
+Reading many runs' Parquet is one pyarrow dataset scan over the part files of all selected
+runs: one scan plans the I/O and reads in parallel, and runs whose schemas differ (LM runs add
+columns) come back as one frame with nulls where a column does not apply.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+# Run identity and provenance live in pipeline.meta (the job imports them from there); they are
+# re-exported so a notebook finds every run-registry helper in one module.
+from pipeline.meta import git_commit, new_run_id, package_versions
+from pipeline.outputs import ANALYSIS_SCHEMA, RESULTS_SCHEMA, write_json
+
+__all__ = ["RunSet", "query_runs", "new_run_id", "git_commit", "package_versions", "runs_main"]
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA}
+_MISSING = object()
+
+
+def _read_run_json(run_dir: Path) -> dict[str, Any]:
+    meta = json.loads((run_dir / RUN_FILE).read_text())
+    if not isinstance(meta, dict) or not meta.get("run_id"):
+        raise ValueError("run.json holds no run_id")
+    return meta
+
+
+def _part_files(run_dir: Path, kind: str) -> list[Path]:
+    # Only committed parts: temporary `.part-*.tmp` files and `_SUCCESS-*` markers are skipped.
+    return sorted((run_dir / kind).glob("part-*.parquet"))
+
+
+def _dotted(mapping: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(mapping, Mapping) or part not in mapping:
+            return _MISSING
+        mapping = mapping[part]
+    return mapping
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    when = datetime.fromisoformat(value) if isinstance(value, str) else value
+    # Run timestamps are written in UTC; a naive `since` is read as UTC too.
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _started(meta: dict[str, Any]) -> datetime | None:
+    try:
+        return _as_utc(meta["started_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _value_matches(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, (list, tuple, set, frozenset)):
+        return any(_value_matches(actual, w) for w in wanted)
+    if isinstance(wanted, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        # 1e-3 given in Python and 0.001 read back from JSON are the same setting.
+        return math.isclose(actual, wanted, rel_tol=1e-9, abs_tol=0.0)
+    return actual == wanted
+
+
+class RunSet:
+    """An ordered selection of run directories (oldest first). Indexing gives run.json's dict."""
+
+    def __init__(self, runs: Iterable[tuple[Path, dict[str, Any]]] = ()):
+        self._runs: list[tuple[Path, dict[str, Any]]] = list(runs)
+
+    @classmethod
+    def from_dirs(cls, run_dirs: Iterable[str | Path]) -> RunSet:
+        """Open named run directories in the order given; a missing or corrupt run.json raises."""
+        runs = []
+        for run_dir in map(Path, run_dirs):
+            try:
+                runs.append((run_dir, _read_run_json(run_dir)))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{run_dir} is not a readable run directory: {exc}") from None
+        return cls(runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (meta for _, meta in self._runs)
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | RunSet:
+        if isinstance(index, slice):
+            return RunSet(self._runs[index])
+        return self._runs[index][1]
+
+    def __repr__(self) -> str:
+        return f"RunSet({len(self)} runs: {', '.join(self.run_ids[:3])}{', ...' if len(self) > 3 else ''})"
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [meta["run_id"] for _, meta in self._runs]
+
+    def path(self, index: int) -> Path:
+        return self._runs[index][0]
+
+    def summary(self, index: int) -> dict[str, Any] | None:
+        """summary.json of one run; None while a run has none (running, failed) or it is unreadable."""
+        try:
+            return json.loads((self.path(index) / SUMMARY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def schema(self, kind: str = "results") -> pa.Schema:
+        """The unified schema of all selected runs' `kind` parts (footers only, no data read)."""
+        files = self._files(kind)
+        if not files:
+            return KINDS[kind]
+        # Permissive: an int32 column in one part and int64 in another become one int64 column.
+        return pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+
+    def results(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All selected runs' result rows, in run order then shard order, in one dataset scan."""
+        return self._scan("results", columns)
+
+    def analysis(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All selected runs' analysis rows, in run order then shard order, in one dataset scan."""
+        return self._scan("analysis", columns)
+
+    def load(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """(results, analysis, run.json metadata) of one run."""
+        one = RunSet([self._runs[index]])
+        return one.results(), one.analysis(), dict(self._runs[index][1])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per run: metadata and headline metrics from summary.json, `error/<domain>` columns."""
+        rows = []
+        for i, (_, meta) in enumerate(self._runs):
+            summary = self.summary(i) or {}
+            overall = summary.get("overall") or {}
+            row = {"run_id": meta.get("run_id"), "experiment": meta.get("experiment"), "tag": meta.get("tag"),
+                   "method": meta.get("method"), "model": meta.get("model"), "dataset": meta.get("dataset"),
+                   "status": meta.get("status"), "started_at": _started(meta),
+                   "n": overall.get("n"), "error": overall.get("error")}
+            if overall.get("bits_per_byte") is not None:
+                row["bits_per_byte"] = overall["bits_per_byte"]
+            for domain, stats in (summary.get("per_domain") or {}).items():
+                row[f"error/{domain}"] = (stats or {}).get("error")
+            rows.append(row)
+        head = ["run_id", "experiment", "tag", "method", "model", "dataset", "status", "started_at", "n", "error"]
+        frame = pd.DataFrame(rows, columns=None if rows else head)
+        frame["started_at"] = pd.to_datetime(frame["started_at"], utc=True)
+        for col in ("n", "error"):
+            frame[col] = pd.to_numeric(frame[col])
+        return frame
+
+    def remove(self, index: int) -> None:
+        """Delete one run's directory from disk and drop it from this set."""
+        run_dir, _ = self._runs.pop(index)
+        shutil.rmtree(run_dir)
+
+    def rename_experiment(self, index: int, name: str) -> None:
+        """Move one run to another experiment by rewriting run.json atomically.
+
+        Only the top-level `experiment` changes: `config` stays the record of what ran, so its
+        config_hash still matches and a resume into this directory still works. A run that is
+        still running writes run.json once more when it ends, so rename runs that have ended.
+        """
+        run_dir, _ = self._runs[index]
+        meta = _read_run_json(run_dir)  # re-read: the file is the truth, not this set's copy
+        meta["experiment"] = name
+        write_json(run_dir / RUN_FILE, meta)
+        self._runs[index] = (run_dir, meta)
+
+    def _files(self, kind: str) -> list[Path]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown part kind {kind!r}: expected one of {sorted(KINDS)}")
+        return [f for run_dir, _ in self._runs for f in _part_files(run_dir, kind)]
+
+    def _scan(self, kind: str, columns: list[str] | None) -> pd.DataFrame:
+        files = self._files(kind)
+        schema = self.schema(kind)
+        if columns is not None:
+            unknown = [c for c in columns if c not in schema.names]
+            if unknown:
+                raise ValueError(f"no {kind} column(s) {unknown}; available: {schema.names}")
+        if not files:
+            return schema.empty_table().select(columns or schema.names).to_pandas()
+        dataset = ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+        return dataset.to_table(columns=columns).to_pandas()
+
+
+def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None = None,
+               model: str | Iterable[str] | None = None, method: str | Iterable[str] | None = None,
+               tag: str | Iterable[str] | None = None, status: str | Iterable[str] | None = None,
+               since: datetime | str | None = None, config: dict[str, Any] | None = None) -> RunSet:
+    """Runs under `root` matching every filter given, oldest first.
+
+    String filters match run.json's top-level field exactly (a list matches any of its values);
+    `config` maps dotted paths into the resolved config to values (`{"ttt.lr": 1e-3}`); `since`
+    keeps runs started at or after it (datetime or ISO string, naive means UTC). Directories
+    without a readable run.json are skipped with a warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs root {root} is not a directory")
+    fields = {"experiment": experiment, "model": model, "method": method, "tag": tag, "status": status}
+    since_utc = None if since is None else _as_utc(since)
+    found = []
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            meta = _read_run_json(run_dir)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping {run_dir}: unreadable {RUN_FILE} ({exc})", stacklevel=2)
+            continue
+        if any(w is not None and not _value_matches(meta.get(k), w) for k, w in fields.items()):
+            continue
+        if since_utc is not None and ((started := _started(meta)) is None or started < since_utc):
+            continue
+        if config and not all(_value_matches(_dotted(meta.get("config"), k), v) for k, v in config.items()):
+            continue
+        found.append((run_dir, meta))
+    # The directory name is the run id, which sorts by start time; started_at decides first
+    # so renamed or copied directories still order by when they ran.
+    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    found.sort(key=lambda r: (_started(r[1]) or epoch, r[1]["run_id"]))
+    return RunSet(found)
+
+
+# ---------------------------------------------------------------- CLI: python -m pipeline runs
+
+def _config_filter(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)  # 0.001 -> float, true -> bool, null -> None
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="runs", help="output root holding run directories (default: runs)")
+    for name in ("experiment", "model", "method", "status", "tag"):
+        parser.add_argument(f"--{name}", action="append", help=f"keep runs with this {name} (repeatable)")
+    parser.add_argument("--since", help="keep runs started at or after this ISO time (UTC if no zone)")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose resolved config has KEY (dotted) = VALUE (repeatable)")
+
+
+def _query(args: argparse.Namespace) -> RunSet:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = query_runs(args.root, experiment=args.experiment, model=args.model, method=args.method,
+                          tag=args.tag, status=args.status, since=args.since, config=_config_filter(args.config))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return runs
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None or pd.isna(value) else f"{100 * value:.2f}"
+
+
+def run_labels(runs: RunSet) -> list[str]:
+    """Short row labels: the method, plus the tag or the id's random suffix where methods repeat."""
+    methods = [str(m.get("method")) for m in runs]
+    labels = []
+    for meta, method in zip(runs, methods):
+        if methods.count(method) == 1:
+            labels.append(method)
+        else:
+            labels.append(f"{method} ({meta.get('tag') or str(meta['run_id']).rsplit('-', 1)[-1]})")
+    # Same method and same tag twice: fall back to the full run id, which is unique.
+    return [lab if labels.count(lab) == 1 else f"{lab} {meta['run_id']}" for lab, meta in zip(labels, runs)]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    runs = _query(args)
+    if not len(runs):
+        print(f"no runs under {args.root} match")
+        return 0
+    frame = runs.to_frame()[["run_id", "experiment", "tag", "method", "status", "started_at", "n", "error"]]
+    frame = frame.assign(started_at=frame["started_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+                         n=frame["n"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
+                         error=frame["error"].map(_percent), tag=frame["tag"].fillna("-"))
+    print(frame.rename(columns={"error": "error %"}).to_string(index=False))
+    return 0
+
+
+def _select(runs: RunSet, wanted: list[str]) -> RunSet:
+    """Runs named by id or unique id prefix, in the order named."""
+    chosen = []
+    ids = runs.run_ids
+    for name in wanted:
+        hits = [i for i, rid in enumerate(ids) if rid == name] or [i for i, rid in enumerate(ids) if rid.startswith(name)]
+        if len(hits) != 1:
+            raise ValueError(f"run {name!r} {'matches no' if not hits else f'is ambiguous among {len(hits)}'} "
+                             f"run(s) under the selected root and filters")
+        chosen.append(runs._runs[hits[0]])
+    return RunSet(chosen)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    runs = _select(_query(args), [args.run])
+    meta, summary = runs[0], runs.summary(0) or {}
+    lines = [f"run_dir      {runs.path(0)}"]
+    for key in ("run_id", "experiment", "tag", "status", "method", "model", "dataset", "predict_from",
+                "config_hash", "git_commit", "started_at", "ended_at", "error"):
+        lines.append(f"{key:<13}{meta.get(key)}")
+    lines.append(f"{'counts':<13}{json.dumps(meta.get('counts'))}")
+    lines.append(f"{'versions':<13}{json.dumps(meta.get('versions'))}")
+    ttt = dict((meta.get("config") or {}).get("ttt") or {})
+    # Method sub-sections of other methods (cotta.* on a tent run) only add noise.
+    for section in ("mim", "cotta", "nn"):
+        if section != meta.get("method"):
+            ttt.pop(section, None)
+    flat = pd.json_normalize(ttt, sep=".").iloc[0].to_dict() if ttt else {}
+    if flat:
+        lines.append("ttt          " + ", ".join(f"{k}={v}" for k, v in flat.items() if v is not None))
+    print("\n".join(lines))
+    per_domain = summary.get("per_domain") or {}
+    if per_domain:
+        table = pd.DataFrame([{"domain": d, "n": s.get("n"), "error %": _percent(s.get("error"))}
+                              for d, s in per_domain.items()])
+        print("\n" + table.to_string(index=False))
+    overall = summary.get("overall")
+    if overall:
+        print(f"\noverall: n={overall.get('n')} error %={_percent(overall.get('error'))} "
+              f"error rows={overall.get('errors_rows')}")
+    for key in ("throughput", "cache"):
+        if summary.get(key):
+            print(f"{key}: {json.dumps(summary[key])}")
+    if not summary:
+        print(f"\nno {SUMMARY_FILE} (status {meta.get('status')})")
+    return 0
+
+
+def compare_table(runs: RunSet) -> pd.DataFrame:
+    """Error per domain (columns) for each run (rows, labelled by method), plus the domain mean."""
+    frame = runs.to_frame()
+    domains = [c for c in frame.columns if c.startswith("error/")]
+    table = frame[domains].rename(columns=lambda c: c.split("/", 1)[1])
+    table.index = run_labels(runs)
+    table.index.name = "method"
+    table["mean"] = table.mean(axis=1)
+    return table
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    runs = _query(args)
+    if args.runs:
+        runs = _select(runs, args.runs)
+    if not len(runs):
+        print(f"no runs under {args.root} match")
+        return 0
+    table = compare_table(runs)
+    print(table.map(_percent).to_string())
+    print("(error % per domain; mean over domains)")
+    return 0
+
+
+def runs_main(argv: list[str]) -> int:
+    """`python -m pipeline runs list|show|compare ...`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline runs", description="find and compare runs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="list runs (oldest first) with headline error")
+    _add_filters(p_list)
+    p_show = sub.add_parser("show", help="metadata and per-domain error of one run")
+    p_show.add_argument("run", help="run id or a unique prefix of one")
+    _add_filters(p_show)
+    p_cmp = sub.add_parser("compare", help="method x domain error table")
+    p_cmp.add_argument("runs", nargs="*", help="run ids or unique prefixes (default: every run the filters keep)")
+    _add_filters(p_cmp)
+    args = parser.parse_args(argv)
+    try:
+        return {"list": _cmd_list, "show": _cmd_show, "compare": _cmd_compare}[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,95 @@
+"""Reports: files written for one run and for a comparison, on run directories made by the
+test_runs helper, including runs with error rows, null analysis columns, a cache, and LM rows."""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.report import report_main, write_reports
+from test_runs import T0, make_run  # the shared run-directory writer (tests/ is on sys.path under pytest)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ERROR_COLUMNS = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error"]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, path
+
+
+def linked(report: Path) -> set[str]:
+    """Files report.md links to, as images or as links."""
+    return set(re.findall(r"\]\(([^)]+)\)", report.read_text()))
+
+
+def test_single_run_report(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, error_rows=7, shards=3)
+    assert report_main([str(run_dir)]) == 0
+    out = run_dir / "report"
+    for png in ("error_by_domain.png", "stream.png", "timing.png"):
+        assert_png(out / png)
+    assert not (out / "cache.png").exists()
+    errors = pd.read_csv(out / "error_by_domain.csv")
+    assert list(errors.columns) == ERROR_COLUMNS
+    assert errors["domain"].tolist() == ["shot_noise", "fog", "rotate"]
+    assert errors["n"].sum() == 180 and errors["error_rows"].sum() == 7
+    assert (errors["scored"] + errors["error_rows"] == errors["n"]).all()
+    timing = pd.read_csv(out / "timing.csv")
+    assert timing["shard"].tolist() == [0, 1, 2]
+    assert timing["samples"].sum() == 180
+    assert timing["fine_tuning"].iloc[0] == pytest.approx(1.0)  # 20 ms per batch of 20 samples
+    md = (out / "report.md").read_text()
+    assert {"error_by_domain.png", "stream.png", "timing.png", "error_by_domain.csv", "timing.csv"} <= linked(out / "report.md")
+    assert "No run used the adapter cache" in md
+    assert "7 x `cannot decode image`" in md
+
+
+def test_comparison_report_with_cache_nulls_and_lm(tmp_path: Path) -> None:
+    tent = make_run(tmp_path / "runs", started=T0)
+    nn = make_run(tmp_path / "runs", method="nn", cache=True, started=T0 + timedelta(hours=1))
+    source = make_run(tmp_path / "runs", method="source", adapt=False, status="failed", error_rows=3,
+                      started=T0 + timedelta(hours=2))
+    written = write_reports([tent, nn, source], out=tmp_path / "cmp")
+    assert written == [tent / "report" / "report.md", nn / "report" / "report.md",
+                       source / "report" / "report.md", tmp_path / "cmp" / "report.md"]
+
+    cmp = tmp_path / "cmp"
+    for png in ("error_by_domain.png", "stream.png", "cache.png", "timing.png"):
+        assert_png(cmp / png)
+    assert {"error_by_domain.png", "stream.png", "cache.png", "timing.png"} <= linked(cmp / "report.md")
+    errors = pd.read_csv(cmp / "error_by_domain.csv")
+    assert errors["label"].drop_duplicates().tolist() == ["tent", "nn", "source"]
+    assert len(errors) == 9
+    cache = pd.read_csv(cmp / "cache.csv")
+    assert cache["label"].tolist() == ["nn"] and cache["evictions"].tolist() == [4]
+    assert pd.read_csv(cmp / "timing.csv")["label"].tolist() == ["tent", "nn", "source"]
+    assert "source is failed" in (cmp / "report.md").read_text()
+
+    # A run without losses, entropies or timings still gets a report, with notes instead of plots.
+    md = (source / "report" / "report.md").read_text()
+    assert "plot skipped" in md and "No timing recorded" in md
+    assert not (source / "report" / "stream.png").exists()
+    assert_png(source / "report" / "error_by_domain.png")
+    assert_png(nn / "report" / "cache.png")
+
+    # Without --out the comparison goes next to the first run's own report, not over it.
+    assert report_main([str(tent), str(nn)]) == 0
+    assert (tent / "report" / "compare" / "report.md").exists()
+    assert (tent / "report" / "report.md").read_text().startswith(f"# Report: {tent.name}")
+
+    lm = make_run(tmp_path / "runs", method="nn", lm=True, started=T0 + timedelta(hours=3))
+    assert report_main([str(lm)]) == 0
+    errors = pd.read_csv(lm / "report" / "error_by_domain.csv")
+    assert list(errors.columns) == ERROR_COLUMNS + ["bits_per_byte"]
+    assert errors["error"].isna().all() and errors["bits_per_byte"].between(0.5, 1.5).all()
+    assert_png(lm / "report" / "error_by_domain.png")
+    assert "Bits per byte per domain" in (lm / "report" / "report.md").read_text()
+
+
+def test_report_of_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert report_main([str(tmp_path)]) == 2
+    assert "not a readable run directory" in capsys.readouterr().err

@@ -1,0 +1,253 @@
+"""Run registry: queries, loading, one-scan reads, tidying and the `runs` CLI, on small but
+real run directories written here with pyarrow in the layout of DESIGN.md ("Outputs")."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import runs as runs_module
+from pipeline.outputs import ANALYSIS_SCHEMA, LM_RESULT_FIELDS, RESULTS_SCHEMA
+from pipeline.runs import RunSet, new_run_id, query_runs, runs_main
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+
+
+def make_run(root: Path, *, method: str = "tent", experiment: str = "exp", tag: str | None = None,
+             status: str = "finished", model: str = "pipeline.default_model:small_cnn", lr: float = 1e-3,
+             started: datetime = T0, domains: tuple[str, ...] = ("shot_noise", "fog", "rotate"),
+             n_per_domain: int = 60, shards: int = 2, batch: int = 20, error_rows: int = 0, lm: bool = False,
+             cache: bool = False, adapt: bool = True, seed: int = 0) -> Path:
+    """Write one run directory (run.json, summary.json, Parquet parts per shard) and return it.
+
+    `adapt=False` writes a `source`-like run: analysis with null losses, entropies and timings.
+    `lm=True` writes LM rows: null `correct`, plus nll / n_bytes / bits_per_byte.
+    """
+    rng = np.random.default_rng(seed)
+    run_id = new_run_id(method)
+    run_dir = root / run_id
+    results = []
+    for d, domain in enumerate(domains):
+        for k in range(n_per_domain):
+            label = int(rng.integers(10))
+            wrong = rng.random() < 0.1 + 0.2 * d
+            row = {"run_id": run_id, "sample_id": f"{domain}-{k:05d}", "domain": domain, "method": method,
+                   "prediction": (label + 1) % 10 if wrong else label, "label": label,
+                   "correct": None if lm else not wrong, "confidence": float(rng.random()),
+                   "entropy": float(rng.random()), "adapter_source": "cache" if cache and k % 3 else
+                   ("fresh" if cache else "none"), "error": None}
+            if lm:
+                row.update(prediction=None, label=None, nll=float(rng.uniform(50, 80)), n_bytes=100, bits_per_byte=None)
+            results.append(row)
+    for row in results[:error_rows]:
+        row.update(prediction=None, correct=None, confidence=None, entropy=None, error="cannot decode image")
+    bounds = np.linspace(0, len(results), shards + 1).astype(int)
+    results_schema = pa.schema(list(RESULTS_SCHEMA) + (LM_RESULT_FIELDS if lm else []))
+    for shard in range(shards):
+        rows = results[bounds[shard]:bounds[shard + 1]]
+        for position, row in enumerate(rows, start=int(bounds[shard])):
+            row.update(shard=shard, position=position)
+        analysis = []
+        for b, start in enumerate(range(0, len(rows), batch)):
+            chunk = rows[start:start + batch]
+            analysis.append({
+                "run_id": run_id, "shard": shard, "batch_index": b, "sample_ids": [r["sample_id"] for r in chunk],
+                "used_cache": (b % 3 != 0) if cache else None, "losses": [0.5 + 0.1 * b, 0.4] if adapt else None,
+                "steps": 2 if adapt else None, "class_entropy": float(rng.uniform(0.6, 1.0)) if adapt else None,
+                "domain": chunk[0]["domain"], "timing_fine_tuning": 0.02 if adapt else None,
+                "timing_forward_pass": 0.01 if adapt else None, "timing_total": 0.035 if adapt else None,
+                "timing_embedding": 0.002 if cache else None, "timing_cache_lookup": 0.001 if cache else None,
+                "worker": f"w{shard}"})
+        for kind, table in (("results", pa.Table.from_pylist(rows, schema=results_schema)),
+                            ("analysis", pa.Table.from_pylist(analysis, schema=ANALYSIS_SCHEMA))):
+            (run_dir / kind).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, run_dir / kind / f"part-{shard:05d}.parquet")
+        (run_dir / "results" / f"_SUCCESS-{shard:05d}.json").write_text(json.dumps({"shard": shard}))
+    scored = [r for r in results if r["correct"] is not None]
+    per_domain = {}
+    for domain in domains:
+        rows = [r for r in scored if r["domain"] == domain]
+        per_domain[domain] = {"n": len(rows), "error": 1 - sum(r["correct"] for r in rows) / len(rows) if rows else None}
+    summary = {"overall": {"n": len(results), "error": 1 - sum(r["correct"] for r in scored) / len(scored) if scored else None,
+                           "errors_rows": error_rows},
+               "per_domain": {} if lm else per_domain,
+               "cache": {"hits": 20, "misses": 10, "evictions": 4, "hit_rate": 2 / 3} if cache else None,
+               "throughput": {"samples_per_s": 100.0, "wall_s": 1.8}}
+    config = {"experiment": experiment, "seed": 0, "ttt": {"method": method, "lr": lr, "steps": 1},
+              "workers": {"num_shards": shards}}
+    meta = {"run_id": run_id, "experiment": experiment, "tag": tag, "status": status, "model": model,
+            "method": method, "dataset": "mnistc", "config": config, "config_hash": "0123456789abcdef",
+            "predict_from": "same_forward", "versions": {"python": "3.11.7"}, "git_commit": None,
+            "started_at": started.isoformat(), "ended_at": None,
+            "counts": {"rows": len(results), "errors": error_rows, "shards": shards, "restarts": 0},
+            "cluster_resources": {"CPU": 2.0}, "error": None}
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    if status == "finished":
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> dict[str, str]:
+    """Five runs that differ in one field each from a tent baseline, started an hour apart."""
+    made = {
+        "base": make_run(tmp_path, started=T0),
+        "cotta": make_run(tmp_path, method="cotta", started=T0 + timedelta(hours=1)),
+        "other_exp": make_run(tmp_path, experiment="ablation", tag="v2", started=T0 + timedelta(hours=2)),
+        "lr": make_run(tmp_path, lr=1e-2, model="my.models:resnet", started=T0 + timedelta(hours=3)),
+        "failed": make_run(tmp_path, status="failed", started=T0 + timedelta(hours=4)),
+    }
+    return {name: path.name for name, path in made.items()}
+
+
+def test_query_filters(tmp_path: Path, zoo: dict[str, str]) -> None:
+    def ids(**filters) -> set[str]:
+        return set(query_runs(tmp_path, **filters).run_ids)
+
+    assert ids() == set(zoo.values())
+    assert ids(experiment="ablation") == {zoo["other_exp"]}
+    assert ids(model="my.models:resnet") == {zoo["lr"]}
+    assert ids(method="cotta") == {zoo["cotta"]}
+    assert ids(method=["cotta", "nn"]) == {zoo["cotta"]}
+    assert ids(tag="v2") == {zoo["other_exp"]}
+    assert ids(status="failed") == {zoo["failed"]}
+    assert ids(config={"ttt.lr": 1e-2}) == {zoo["lr"]}
+    assert ids(config={"ttt.lr": 0.001, "ttt.method": "tent", "workers.num_shards": 2}) == \
+        {zoo["base"], zoo["other_exp"], zoo["failed"]}
+    assert ids(config={"ttt.no_such_key": 1}) == set()
+    assert ids(method="tent", status="finished", experiment="exp") == {zoo["base"], zoo["lr"]}
+
+
+def test_since_accepts_datetime_and_iso_strings(tmp_path: Path, zoo: dict[str, str]) -> None:
+    later = {zoo["lr"], zoo["failed"]}
+    assert set(query_runs(tmp_path, since=T0 + timedelta(hours=3)).run_ids) == later
+    assert set(query_runs(tmp_path, since="2026-11-24T13:00:00+00:00").run_ids) == later
+    assert set(query_runs(tmp_path, since="2026-11-24T13:00:00").run_ids) == later  # naive reads as UTC
+    assert set(query_runs(tmp_path, since=datetime(2026, 11, 24, 14, 0)).run_ids) == {zoo["failed"]}
+
+
+def test_runs_come_newest_last(tmp_path: Path, zoo: dict[str, str]) -> None:
+    assert query_runs(tmp_path).run_ids == [zoo[k] for k in ("base", "cotta", "other_exp", "lr", "failed")]
+
+
+def test_run_ids_are_unique_and_sort_by_start_time() -> None:
+    ids = [new_run_id("tent") for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    stamps = [i.split("-tent-")[0] for i in ids]
+    assert stamps == sorted(stamps)
+    assert all("-tent-" in i for i in ids)
+
+
+def test_run_ids_are_unique_across_processes() -> None:
+    code = "from pipeline.runs import new_run_id\nprint('\\n'.join(new_run_id('tent') for _ in range(20000)))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(outputs[0]) | set(outputs[1])) == 40_000
+
+
+def test_load_round_trip_equals_what_was_written(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, shards=3, error_rows=5)
+    runs = query_runs(tmp_path)
+    results, analysis, meta = runs.load(0)
+    assert meta == json.loads((run_dir / "run.json").read_text())
+    for kind, frame in (("results", results), ("analysis", analysis)):
+        written = pa.concat_tables([pq.read_table(p) for p in sorted((run_dir / kind).glob("part-*.parquet"))])
+        assert pa.Table.from_pandas(frame, schema=written.schema, preserve_index=False).equals(written), kind
+    assert results["shard"].tolist() == sorted(results["shard"].tolist())
+    assert results["error"].notna().sum() == 5
+
+
+def test_to_frame_headline_columns(tmp_path: Path, zoo: dict[str, str]) -> None:
+    frame = query_runs(tmp_path).to_frame()
+    head = ["run_id", "experiment", "tag", "method", "model", "dataset", "status", "started_at", "n", "error"]
+    assert list(frame.columns[:len(head)]) == head
+    assert {"error/shot_noise", "error/fog", "error/rotate"} <= set(frame.columns)
+    row = frame.set_index("run_id").loc[zoo["base"]]
+    summary = json.loads((tmp_path / zoo["base"] / "summary.json").read_text())
+    assert row["n"] == summary["overall"]["n"]
+    assert row["error"] == pytest.approx(summary["overall"]["error"])
+    assert row["error/rotate"] == pytest.approx(summary["per_domain"]["rotate"]["error"])
+    failed = frame.set_index("run_id").loc[zoo["failed"]]
+    assert failed["status"] == "failed" and np.isnan(failed["error"])  # no summary.json yet
+    assert str(frame["started_at"].dt.tz) == "UTC"
+
+
+def test_results_of_many_runs_are_one_scan(tmp_path: Path, zoo: dict[str, str], monkeypatch) -> None:
+    lm_dir = make_run(tmp_path, method="nn", lm=True, started=T0 + timedelta(hours=5))
+    scans = []
+    real = runs_module.ds.dataset
+    monkeypatch.setattr(runs_module.ds, "dataset", lambda *a, **k: scans.append(a[0]) or real(*a, **k))
+    runs = query_runs(tmp_path)
+    frame = runs.results()
+    assert len(scans) == 1 and len(scans[0]) == 2 * len(runs)  # one dataset over every part file
+    assert len(frame) == 6 * 180
+    assert frame.groupby("run_id").size().to_dict() == {rid: 180 for rid in runs.run_ids}
+    # The LM run adds columns; the other runs read them as null.
+    assert frame.loc[frame["run_id"] == lm_dir.name, "nll"].notna().all()
+    assert frame.loc[frame["run_id"] != lm_dir.name, "nll"].isna().all()
+    assert len(runs.analysis(["run_id", "losses"])) == 6 * 2 * 5  # 2 shards of 90 rows in batches of 20
+    with pytest.raises(ValueError, match="no results column"):
+        runs.results(["no_such_column"])
+
+
+def test_remove_and_rename_experiment(tmp_path: Path, zoo: dict[str, str]) -> None:
+    runs = query_runs(tmp_path)
+    runs.rename_experiment(0, "renamed")
+    on_disk = json.loads((tmp_path / zoo["base"] / "run.json").read_text())
+    assert on_disk["experiment"] == "renamed" and runs[0]["experiment"] == "renamed"
+    assert on_disk["config"]["experiment"] == "exp"  # the resolved config stays the record of what ran
+    assert not list((tmp_path / zoo["base"]).glob(".*tmp"))
+    assert query_runs(tmp_path, experiment="renamed").run_ids == [zoo["base"]]
+
+    runs.remove(1)
+    assert not (tmp_path / zoo["cotta"]).exists()
+    assert len(runs) == 4 and zoo["cotta"] not in runs.run_ids
+    assert zoo["cotta"] not in query_runs(tmp_path).run_ids
+
+
+def test_unreadable_run_json_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    good = make_run(tmp_path)
+    bad = make_run(tmp_path, seed=1)
+    (bad / "run.json").write_text('{"run_id": "trunc')
+    (tmp_path / "no_run_json").mkdir()
+    (tmp_path / "no_id").mkdir()
+    (tmp_path / "no_id" / "run.json").write_text("{}")
+    with pytest.warns(UserWarning, match="skipping") as caught:
+        runs = query_runs(tmp_path)
+    assert runs.run_ids == [good.name]
+    assert len(caught) == 3
+    with pytest.raises(ValueError, match="not a readable run directory"):
+        RunSet.from_dirs([bad])
+
+
+def test_cli_list_show_compare(tmp_path: Path, zoo: dict[str, str], capsys) -> None:
+    assert runs_main(["list", "--root", str(tmp_path), "--method", "tent", "--status", "finished"]) == 0
+    out = capsys.readouterr().out
+    assert zoo["base"] in out and zoo["cotta"] not in out and "error %" in out
+
+    assert runs_main(["list", "--root", str(tmp_path), "--config", "ttt.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert zoo["lr"] in out and zoo["base"] not in out
+
+    assert runs_main(["show", zoo["cotta"], "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cotta" in out and "rotate" in out and "config_hash" in out
+
+    assert runs_main(["compare", zoo["base"], zoo["cotta"], "--root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["shot_noise", "fog", "rotate", "mean"]
+    assert [line.split()[0] for line in lines[2:4]] == ["tent", "cotta"]
+
+    assert runs_main(["show", "nope", "--root", str(tmp_path)]) == 2
+    assert "matches no run" in capsys.readouterr().err
+    assert runs_main(["list", "--root", str(tmp_path / "missing")]) == 2
