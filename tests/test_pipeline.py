@@ -188,3 +188,24 @@ def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_defa
     run = json.loads((box["run_dir"] / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["restarts"] >= 1
     pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
+
+
+def test_notebook_example_compares_three_real_runs(ray_session, small_default, tmp_path):
+    """examples/compare_runs.py on three tiny real runs: the table has a row per run, and its
+    numbers are the runs' own summary errors."""
+    for method in ("source", "norm", "tent"):
+        run_job(make_cfg(small_default, tmp_path, f"ttt.method={method}"))
+    out = tmp_path / "compare.png"
+    proc = subprocess.run([sys.executable, "examples/compare_runs.py", "--root", str(tmp_path / "runs"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sys.path.insert(0, str(ROOT / "examples"))
+    from compare_runs import method_domain_table
+
+    runs, table = method_domain_table(str(tmp_path / "runs"), None)
+    assert len(table) == 3 and set(DOMAINS) <= set(table.columns)
+    for row, meta in zip(table.itertuples(), runs):
+        summary = runs.summary(list(runs.run_ids).index(meta["run_id"]))
+        label = f"{meta['method']}:{meta['run_id'][-6:]}"
+        assert abs(table.loc[label, "mean"] - 100 * sum(d["error"] for d in summary["per_domain"].values()) / 3) < 1e-6

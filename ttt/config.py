@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -39,6 +39,14 @@ class GuardConfig(_Strict):
     max_update_norm: float | None = Field(None, gt=0.0)  # per step
     max_cumulative_update_norm: float | None = Field(None, gt=0.0)  # since the last reset
     loss_ratio_stop: float | None = Field(None, gt=0.0)  # stop when loss > initial * ratio
+
+    @model_validator(mode="after")
+    def _collapse_needs_threshold(self) -> "GuardConfig":
+        # A batch counts as collapsed below early_stop_entropy; without it patience would never fire.
+        if self.collapse_patience and self.early_stop_entropy is None:
+            raise ValueError("guards.collapse_patience needs guards.early_stop_entropy (the class-entropy "
+                             "threshold below which a batch counts as collapsed)")
+        return self
 
 
 class NNConfig(_Strict):

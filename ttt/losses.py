@@ -31,3 +31,17 @@ def diversity_loss(logits: torch.Tensor) -> torch.Tensor:
     mean_prob = logits.softmax(1).mean(0)
     ent = -(mean_prob * mean_prob.clamp_min(1e-12).log()).sum()
     return 1.0 - ent / math.log(logits.shape[1])
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of the student against the teacher's softmax (CoTTA's
+    consistency loss, its CIFAR form). The teacher side carries no gradient."""
+    return -(teacher_logits.detach().softmax(1) * student_logits.log_softmax(1)).sum(1)
+
+
+def masked_mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked pixels only (MAE-style: the visible pixels are given,
+    so reconstructing them teaches nothing). `mask` is True where the input was masked and
+    broadcasts over channels; with nothing masked the loss is 0 (and so is its gradient)."""
+    mask = mask.expand_as(target).to(reconstruction.dtype)
+    return ((reconstruction - target).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)

@@ -61,3 +61,72 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     clone.requires_grad_(False)
     return clone
+
+
+def param_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """The state_dict names of `params`, in their order (to find their source values by name)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+class StepCheckpoint:
+    """What one optimiser step can change: the trainable parameters, every buffer (BatchNorm
+    running statistics move in train-mode forwards, before any backward) and the optimiser
+    state (Adam's moments and step count). `rollback` puts all three back bit for bit."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.params = params
+        self.saved_params = [p.detach().clone() for p in params]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.optimizer = optimizer
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    def update_norm(self) -> float:
+        """L2 norm of the change of the trainable parameters since the checkpoint."""
+        return distance(self.params, self.saved_params)
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.saved_params):
+                p.copy_(saved)
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        self.optimizer.load_state_dict(self.optimizer_state)
+
+
+def distance(params: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """L2 distance between two parameter lists taken as one flat vector (inf if non-finite)."""
+    if not params:
+        return 0.0
+    with torch.no_grad():
+        # one device sync for the whole list, not one per tensor
+        squares = torch.stack([(p.detach().float() - r.float()).pow(2).sum() for p, r in zip(params, refs)])
+        return float(squares.sum().sqrt())
+
+
+def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], alpha: float) -> None:
+    """teacher <- alpha * teacher + (1 - alpha) * student, in place (the mean teacher of CoTTA).
+
+    Written as a lerp, teacher + (1 - alpha) * (student - teacher): where student and teacher
+    are equal (parameters no step has moved) the teacher stays bit-identical, which
+    alpha * t + (1 - alpha) * t does not guarantee in floating point.
+    """
+    with torch.no_grad():
+        for t, s in zip(teacher, student):
+            t.lerp_(s.detach(), 1.0 - alpha)
+
+
+def stochastic_restore_(params: list[torch.Tensor], sources: list[torch.Tensor], prob: float,
+                        generator: torch.Generator) -> int:
+    """Reset each element of `params` to its source value with probability `prob` (CoTTA).
+
+    The mask is drawn on the CPU from `generator` so a seed gives the same restores on every
+    device. Returns how many elements were restored.
+    """
+    restored = 0
+    with torch.no_grad():
+        for p, src in zip(params, sources):
+            mask = (torch.rand(p.shape, generator=generator) < prob).to(p.device)
+            p.copy_(torch.where(mask, src.to(p.device, p.dtype), p))
+            restored += int(mask.sum())
+    return restored

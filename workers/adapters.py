@@ -96,6 +96,14 @@ class ImageClassifierAdapter:
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.embed(inputs)
 
+    def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One random view of each normalised image (CoTTA); augmented in pixel space, where the
+        reference's brightness, contrast and clipping ranges are defined."""
+        from ttt.augment import cotta_augment
+
+        pixels = inputs * self.std + self.mean
+        return (cotta_augment(pixels, generator) - self.mean) / self.std
+
 
 def _read_image(path: str) -> np.ndarray:
     if path.endswith(".npy"):

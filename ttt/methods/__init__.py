@@ -5,10 +5,12 @@ from typing import Any
 
 from ttt.config import TTTConfig
 from ttt.methods.base import GradientMethod, Method, MissingHookError, StepResult
+from ttt.methods.cotta import CoTTA
+from ttt.methods.mim import MIM
 from ttt.methods.source import Norm, Source
 from ttt.methods.tent import Tent
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA)}
 
 
 def build_method(adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None) -> Method:

@@ -2,21 +2,23 @@
 
 A method wraps the adapter's model; `step(inputs)` adapts (or not) and returns the logits the
 prediction comes from plus the analysis fields it measured. The worker owns batching, rows
-and timing of the whole batch; the method owns parameters, optimiser and guards.
+and timing of the whole batch; the method owns parameters, optimiser, random streams and guards.
 """
 from __future__ import annotations
 
-import copy
+import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from ttt.config import TTTConfig
 from ttt.losses import class_distribution, diversity_loss
-from ttt.params import restore, select_params, snapshot
+from ttt.params import StepCheckpoint, distance, param_names, restore, select_params, snapshot
 
 
 class MissingHookError(ValueError):
@@ -27,6 +29,18 @@ class MissingHookError(ValueError):
 class StepResult:
     logits: torch.Tensor
     record: dict[str, Any] = field(default_factory=dict)
+
+
+def seeded_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one random stream of a method, derived from (seed, purpose).
+
+    Separate streams keep one knob from shifting another's draws: e.g. CoTTA's restore
+    probability does not change which augmentations it sees. crc32, not hash(): Python's
+    string hash differs between processes.
+    """
+    entropy = [seed % 2**64, zlib.crc32(purpose.encode())]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 class Method:
@@ -50,10 +64,15 @@ class Method:
         self.predict_from = cfg.predict_from or self.default_predict_from
         self.configure()
         self.source_state = snapshot(self.model)
+        self.reseed()
 
     def configure(self) -> None:
         self.model.eval()
         self.model.requires_grad_(False)
+
+    def reseed(self) -> None:
+        """Restart the method's random streams from cfg.seed (at construction and every reset,
+        so a shard or an episode gives the same result whatever ran on this replica before)."""
 
     @property
     def updated_param_count(self) -> int:
@@ -62,6 +81,7 @@ class Method:
     def reset(self) -> None:
         """Back to the source model (episodic resets, domain shifts, collapse, a restarted shard)."""
         restore(self.model, self.source_state)
+        self.reseed()
 
     def step(self, inputs: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
@@ -80,43 +100,81 @@ def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig) -> torch.optim.O
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _flat(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
+def grad_norm(params: list[nn.Parameter]) -> float:
+    """L2 norm of all gradients together (before clipping); nan/inf when any gradient is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class GradientMethod(Method):
     """Runs `cfg.steps` guarded updates of `loss(inputs)` on the filtered parameters.
 
-    Guards (GuardConfig): adaptive diversity weight, early stop on low class entropy, reset
-    after persistent collapse, non-finite loss/gradient skip, gradient clipping, per-step and
-    cumulative update-norm caps, loss-ratio stop. A breached step is rolled back; the reason
-    lands in `stop_reason`.
+    The model runs in eval mode with only the filtered parameters trainable; subclasses switch
+    BatchNorm to test-batch statistics where their reference does (all of ours do). Eval mode,
+    unlike the reference code's `model.train()`, keeps dropout off: dropout noise would also
+    randomise a same-forward prediction.
+
+    Guards (GuardConfig), checked in this order in each step, each naming itself in
+    `stop_reason` and rolling back that step (parameters, every buffer, optimiser state) so the
+    model is exactly as before the step:
+      before the update: `nonfinite_loss`; `low_class_entropy` (normalised entropy of the
+      batch-mean prediction below early_stop_entropy); `loss_ratio` (loss > first loss x ratio);
+      after backward: `nonfinite_grad`; then gradients are clipped to grad_clip;
+      after the update: `nonfinite_update`, `update_norm_cap` (this step's change),
+      `cumulative_update_cap` (distance from the source parameters, i.e. since the last reset).
+    Earlier accepted steps of the batch are kept. The adaptive diversity regulariser
+    w * (1 - normalised class entropy) is added to every loss, w = min(cap, base + gain *
+    max(0, target - class entropy)), so it pulls harder the less diverse the batch is.
+    After the steps, a batch whose last adaptation forward had class entropy below
+    early_stop_entropy counts as collapsed; collapse_patience consecutive collapsed batches
+    reset the method to source (`collapse_reset`) and that batch is predicted by the source.
+
+    `updated_param_count` counts the parameter elements that a kept step changed: trainable
+    parameters off the loss path (e.g. SmallCNN's decoder under Tent) get no gradient, so the
+    optimiser never touches them and they are not counted. 0 when no step was kept.
     """
 
     def configure(self) -> None:
-        self.model.train()
+        super().configure()
         self.params = select_params(self.model, self.cfg.update_filter)
+        self.param_names = param_names(self.model, self.params)
         self.optimizer = build_optimizer(self.params, self.cfg)
-        self._reset_params = _flat(self.params)
         self._collapsed_batches = 0
+        self._updated_count = 0
 
     @property
     def updated_param_count(self) -> int:
-        return sum(p.numel() for p in self.params)
+        """Parameter elements changed by the last `step` (see the class docstring)."""
+        return self._updated_count
+
+    @property
+    def diversity_active(self) -> bool:
+        g = self.cfg.guards
+        return g.diversity_weight > 0.0 or g.diversity_gain > 0.0
+
+    def source_params(self) -> list[torch.Tensor]:
+        """The source values of the trainable parameters, in `self.params` order."""
+        return [self.source_state[n] for n in self.param_names]
 
     def reset(self) -> None:
         super().reset()
         self.optimizer = build_optimizer(self.params, self.cfg)
-        self._reset_params = _flat(self.params)
         self._collapsed_batches = 0
 
-    # Subclasses define the adaptation objective. `logits` is the output the prediction may
-    # come from (same_forward); `parts` names the loss components for the analysis row.
+    # Subclasses define the adaptation objective. `logits` are the classifier outputs of this
+    # forward (what a same-forward prediction is made from, and what the class-distribution
+    # guards watch); `parts` names loss components for the analysis row ("entropy", ...).
     def loss(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def after_step(self) -> None:
-        """Hook run after each accepted optimiser step (CoTTA: EMA teacher, stochastic restore)."""
+        """Hook run after each kept optimiser step (CoTTA: EMA teacher, stochastic restore)."""
+
+    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Which output of the same forward the prediction uses (CoTTA overrides: the teacher's)."""
+        return logits
 
     def predict_after_update(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -124,116 +182,123 @@ class GradientMethod(Method):
 
     def diversity_weight(self, class_entropy: float) -> float:
         g = self.cfg.guards
-        if g.diversity_weight == 0.0 and g.diversity_gain == 0.0:
+        if not self.diversity_active:
             return 0.0
         return min(g.diversity_cap, g.diversity_weight + g.diversity_gain * max(0.0, g.diversity_target - class_entropy))
 
-    def add_diversity(self, loss: torch.Tensor, logits: torch.Tensor, parts: dict[str, float]) -> tuple[torch.Tensor, float]:
-        weight = self.diversity_weight(class_distribution(logits)["class_entropy"])
+    def add_diversity(self, loss: torch.Tensor, logits: torch.Tensor, parts: dict[str, float],
+                      class_entropy: float) -> tuple[torch.Tensor, float]:
+        weight = self.diversity_weight(class_entropy)
         if weight > 0.0:
             div = diversity_loss(logits)
             parts["diversity"] = float(div.detach())
             loss = loss + weight * div
         return loss, weight
 
-    def step(self, inputs: torch.Tensor) -> StepResult:
+    def _breach_before_update(self, value: float, class_entropy: float, initial_loss: float | None) -> str | None:
         g = self.cfg.guards
-        t_start = time.perf_counter()
-        losses: list[float] = []
-        entropy_losses: list[float] = []
-        diversity_losses: list[float] = []
-        grad_norm = None
-        weight = 0.0
-        stop_reason = "steps_done"
-        steps_taken = 0
-        logits = None
-        t_forward = 0.0
+        if not math.isfinite(value):
+            return "nonfinite_loss"
+        if g.early_stop_entropy is not None and class_entropy < g.early_stop_entropy:
+            return "low_class_entropy"
+        if g.loss_ratio_stop is not None and initial_loss is not None and value > abs(initial_loss) * g.loss_ratio_stop:
+            return "loss_ratio"
+        return None
+
+    def _breach_after_update(self, checkpoint: StepCheckpoint) -> str | None:
+        g = self.cfg.guards
+        step_norm = checkpoint.update_norm()
+        if not math.isfinite(step_norm):
+            return "nonfinite_update"
+        if g.max_update_norm is not None and step_norm > g.max_update_norm:
+            return "update_norm_cap"
+        if g.max_cumulative_update_norm is not None and \
+                distance(self.params, self.source_params()) > g.max_cumulative_update_norm:
+            return "cumulative_update_cap"
+        return None
+
+    def _adapt(self, inputs: torch.Tensor) -> dict[str, Any]:
+        """The guarded steps on one batch; returns what the record and the prediction need."""
+        g = self.cfg.guards
+        out: dict[str, Any] = {"losses": [], "loss_entropy": None, "loss_diversity": None, "grad_norm": None,
+                               "diversity_weight": 0.0, "stop_reason": "steps_done", "steps": 0,
+                               "logits": None, "class_entropy": None, "t_forward": 0.0}
+        updated: dict[int, int] = {}
         initial_loss = None
-        dist: dict[str, Any] = {}
         for _ in range(self.cfg.steps):
+            checkpoint = StepCheckpoint(self.model, self.params, self.optimizer)
             t_f = time.perf_counter()
             loss, logits, parts = self.loss(inputs)
-            t_forward = time.perf_counter() - t_f
-            dist = class_distribution(logits)
-            loss, weight = self.add_diversity(loss, logits, parts)
+            out["t_forward"] = time.perf_counter() - t_f
+            out["logits"] = logits
+            out["class_entropy"] = class_distribution(logits)["class_entropy"]
+            loss, out["diversity_weight"] = self.add_diversity(loss, logits, parts, out["class_entropy"])
             value = float(loss.detach())
-            losses.append(value)
-            entropy_losses.append(parts.get("entropy", float("nan")))
-            diversity_losses.append(parts.get("diversity", 0.0))
-            if not torch.isfinite(loss):
-                stop_reason = "nonfinite_loss"
-                break
-            if g.early_stop_entropy is not None and dist["class_entropy"] < g.early_stop_entropy:
-                stop_reason = "low_class_entropy"
-                break
-            if initial_loss is None:
-                initial_loss = value
-            elif g.loss_ratio_stop is not None and value > abs(initial_loss) * g.loss_ratio_stop:
-                stop_reason = "loss_ratio"
-                break
-            before = _flat(self.params)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([gr.norm() for gr in grads]))) if grads else 0.0
-            if not torch.isfinite(torch.tensor(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                stop_reason = "nonfinite_grad"
-                break
-            if g.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, g.grad_clip)
-            optim_state = copy.deepcopy(self.optimizer.state_dict()) if g.max_update_norm or g.max_cumulative_update_norm else None
-            self.optimizer.step()
-            after = _flat(self.params)
-            breach = None
-            if g.max_update_norm is not None and float((after - before).norm()) > g.max_update_norm:
-                breach = "update_norm_cap"
-            elif g.max_cumulative_update_norm is not None and float((after - self._reset_params).norm()) > g.max_cumulative_update_norm:
-                breach = "cumulative_update_cap"
-            if breach:
-                self._set_flat(before)
-                if optim_state is not None:
-                    self.optimizer.load_state_dict(optim_state)
-                stop_reason = breach
-                break
-            steps_taken += 1
-            self.after_step()
-        t_adapt_end = time.perf_counter()
+            out["losses"].append(value)
+            out["loss_entropy"], out["loss_diversity"] = parts.get("entropy"), parts.get("diversity")
 
-        if stop_reason in ("nonfinite_loss", "nonfinite_grad") and logits is not None and not torch.isfinite(logits).all():
-            logits = None  # never predict from a non-finite forward
-        collapsed = g.early_stop_entropy is not None and dist.get("class_entropy", 1.0) < g.early_stop_entropy
+            breach = self._breach_before_update(value, out["class_entropy"], initial_loss)
+            if initial_loss is None and breach is None:
+                initial_loss = value
+            if breach is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                out["grad_norm"] = grad_norm(self.params)
+                if not math.isfinite(out["grad_norm"]):
+                    breach = "nonfinite_grad"
+            if breach is None:
+                if g.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, g.grad_clip)
+                self.optimizer.step()
+                breach = self._breach_after_update(checkpoint)
+            if breach is not None:
+                checkpoint.rollback()
+                out["stop_reason"] = breach
+                break
+            updated.update((id(p), p.numel()) for p in self.params if p.grad is not None)
+            out["steps"] += 1
+            self.after_step()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them
+        self._updated_count = sum(updated.values())
+        return out
+
+    def _check_collapse(self, class_entropy: float | None) -> bool:
+        """Count consecutive collapsed batches; reset to source when patience runs out."""
+        g = self.cfg.guards
+        collapsed = g.early_stop_entropy is not None and class_entropy is not None \
+            and class_entropy < g.early_stop_entropy
         self._collapsed_batches = self._collapsed_batches + 1 if collapsed else 0
         if g.collapse_patience and self._collapsed_batches >= g.collapse_patience:
             self.reset()
+            return True
+        return False
+
+    def step(self, inputs: torch.Tensor) -> StepResult:
+        t_start = time.perf_counter()
+        with torch.enable_grad():  # callers may predict under no_grad; adaptation needs autograd
+            out = self._adapt(inputs)
+        t_adapt_end = time.perf_counter()
+        stop_reason = out["stop_reason"]
+        if self._check_collapse(out["class_entropy"]):
             stop_reason = "collapse_reset"
 
-        if self.predict_from == "after_update" or logits is None or stop_reason == "collapse_reset":
+        prediction = None
+        if self.predict_from == "same_forward" and out["logits"] is not None and stop_reason != "collapse_reset":
+            prediction = self.prediction_logits(out["logits"])
+            if not torch.isfinite(prediction).all():
+                prediction = None  # never predict from a non-finite forward when another can be made
+        if prediction is None:
             t_f = time.perf_counter()
-            logits = self.predict_after_update(inputs)
+            prediction = self.predict_after_update(inputs)
             t_forward = time.perf_counter() - t_f
             t_adapt = t_adapt_end - t_start
         else:
-            logits = self.prediction_logits(logits)
+            t_forward = out["t_forward"]
             t_adapt = t_adapt_end - t_start - t_forward
-        final = class_distribution(logits)
-        return StepResult(logits.detach(), {
-            "losses": losses, "loss_entropy": entropy_losses[-1] if entropy_losses else None,
-            "loss_diversity": diversity_losses[-1] if diversity_losses else None,
-            "steps": steps_taken, "stop_reason": stop_reason,
-            "updated_param_count": self.updated_param_count, "diversity_weight": weight,
-            "grad_norm": grad_norm, "timing_fine_tuning": t_adapt, "timing_forward_pass": t_forward,
-            **final,
+        return StepResult(prediction.detach(), {
+            "losses": out["losses"], "loss_entropy": out["loss_entropy"], "loss_diversity": out["loss_diversity"],
+            "steps": out["steps"], "stop_reason": stop_reason, "updated_param_count": self.updated_param_count,
+            "diversity_weight": out["diversity_weight"], "grad_norm": out["grad_norm"],
+            "timing_fine_tuning": t_adapt, "timing_forward_pass": t_forward,
+            **class_distribution(prediction),
         })
-
-    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Which output of the same forward the prediction uses (CoTTA overrides: the teacher's)."""
-        return logits
-
-    def _set_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            offset = 0
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[offset:offset + n].view_as(p))
-                offset += n

@@ -16,7 +16,7 @@ class Tent(GradientMethod):
         super().configure()
         use_batch_norm_stats(self.model)
 
-    def loss(self, inputs: torch.Tensor):
+    def loss(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         logits = self.model(inputs)
         loss = softmax_entropy(logits).mean()
         return loss, logits, {"entropy": float(loss.detach())}
