@@ -17,6 +17,7 @@ commands:
   build-kb ARGS                      build a faiss knowledge base (see build-kb --help)
   runs list|show|compare ...         find and compare runs (see runs --help)
   report RUN_DIR [RUN_DIR ...]       write CSV + PNG reports into RUN_DIR/report/
+  bench-suite [ARGS]                 performance analyzer: ablations x batch sizes x workers
 """
 
 
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.runs import runs_main
 
             return runs_main(rest)
+        if command == "bench-suite":
+            from pipeline.bench_suite import main as bench_suite_main
+
+            return bench_suite_main(rest)
         if command == "report":
             from pipeline.report import report_main
 
