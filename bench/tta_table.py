@@ -23,8 +23,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 GUARDS = ["ttt.guards.diversity_weight=1.0", "ttt.guards.diversity_gain=5.0", "ttt.guards.early_stop_entropy=0.5",
           "ttt.guards.collapse_patience=3", "ttt.guards.grad_clip=1.0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "tent_lr5e-2_unguarded": ("mnistc_tent.yaml", ["ttt.lr=0.05"]),
-    "tent_lr5e-2_guarded": ("mnistc_tent.yaml", ["ttt.lr=0.05", *GUARDS]),
+    f"tent_lr{lr}_{kind}": ("mnistc_tent.yaml", [f"ttt.lr={lr}", *(GUARDS if kind == "guarded" else [])])
+    for lr in ("5e-2", "2e-1", "1") for kind in ("unguarded", "guarded")
 }
 
 

@@ -202,7 +202,7 @@ def run_job(cfg: RunConfig) -> Path:
         if done:
             log(f"resuming {run_id}: {len(done)} shard(s) already written, {len(todo)} to go")
         if todo:
-            splits = ds.split_at_indices([b[0] for b in bounds[1:]])
+            splits = ds.split_at_indices([b[0] for b in bounds[1:]]) if len(bounds) > 1 else [ds]
             log(f"run {run_id}: {n_rows} rows, {len(bounds)} shards, {len(pool.actors)} worker(s), "
                 f"method {cfg.ttt.method}")
             pending = deque((s, 1) for s in todo)

@@ -119,6 +119,12 @@ def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, s
     assert json.loads((a / "run.json").read_text())["predict_from"] == "same_forward"
 
 
+def test_single_shard_is_one_stream(ray_session, small_default, tmp_path):
+    run_dir = run_job(make_cfg(small_default, tmp_path, "workers.num_shards=1"))
+    df = results_of(run_dir)
+    assert len(df) == 150 and (df["shard"] == 0).all() and list(df["position"]) == list(range(150))
+
+
 def _png_manifest(small_default, tmp_path, n=60, corrupt_row=7):
     from PIL import Image
 
