@@ -215,3 +215,24 @@ def test_notebook_example_compares_three_real_runs(ray_session, small_default, t
         summary = runs.summary(list(runs.run_ids).index(meta["run_id"]))
         label = f"{meta['method']}:{meta['run_id'][-6:]}"
         assert abs(table.loc[label, "mean"] - 100 * sum(d["error"] for d in summary["per_domain"].values()) / 3) < 1e-6
+
+
+def test_cli_flags_reach_the_method(ray_session, small_default, tmp_path):
+    """`--set` fields land in the worker's method: steps taken, update filter, guards and MIM mask."""
+    from pipeline.cli import main
+
+    args = ["run", str(ROOT / "configs/mnistc_mim.yaml"), "--set", f"data.manifest={small_default['manifest']}",
+            "--set", f"model.checkpoint={small_default['checkpoint']}", "--set", f"output_root={tmp_path / 'runs'}",
+            "--set", "ttt.batch_size=50", "--set", "ttt.steps=3", "--set", "ttt.mim.mask_prob=0.25",
+            "--set", "ttt.update_filter=all", "--set", "ttt.guards.grad_clip=0.5", "--set", "run_id=cli-flags",
+            "--set", "workers.num_cpus=0.25"]
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "cli-flags"
+    analysis = pd.read_parquet(run_dir / "analysis")
+    assert (analysis["steps"] == 3).all()
+    assert analysis["mask_ratio"].between(0.1, 0.4).all()  # realised ratio follows mask_prob=0.25
+    norm_only = sum(p.numel() for m in small_cnn().features.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                    for p in m.parameters())
+    assert (analysis["updated_param_count"] > norm_only).all()  # `all`, not the YAML's norm_only
+    config = json.loads((run_dir / "run.json").read_text())["config"]["ttt"]
+    assert config["guards"]["grad_clip"] == 0.5 and config["mim"]["mask_prob"] == 0.25

@@ -25,6 +25,9 @@ DEFAULT_CORRUPTIONS: tuple[str, ...] = (
     "brightness", "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges",
 )
 TRAIN_PER_CLASS = 400
+# Bump when the corruption code changes what it produces: the cache key carries it, so an old
+# build is never silently reused.
+DATA_VERSION = 2
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +52,7 @@ def split_digits(seed: int) -> dict[str, np.ndarray]:
 
 def dataset_dir(cache_dir: str | Path, corruptions: tuple[str, ...], severity: int, n_test: int,
                 include_clean: bool, seed: int) -> Path:
-    key = f"sev{severity}-n{n_test}-seed{seed}-{'clean-' if include_clean else ''}{len(corruptions)}c"
+    key = f"v{DATA_VERSION}-sev{severity}-n{n_test}-seed{seed}-{'clean-' if include_clean else ''}{len(corruptions)}c"
     # the domain list is part of the key, so a different selection never reuses a stale build
     return Path(cache_dir) / "mnistc" / f"{key}-{_stable_tag(corruptions)}"
 
