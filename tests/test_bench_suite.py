@@ -7,27 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.bench_suite import CSV_COLUMNS, SCALING_MODELS, VARIANTS, fit_scaling, main, variant_config
 from pipeline.config import RunConfig
-from pipeline.data.mnistc import ensure_mnistc, split_digits
-from pipeline.default_model import train_source_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_stream(tmp_path_factory):
-    """An 80-row MNIST-C stream and a briefly trained source checkpoint."""
-    cache = tmp_path_factory.mktemp("bench-cache")
-    manifest = ensure_mnistc(cache, ["shot_noise", "fog"], severity=3, n_test=40, seed=0)
-    split = split_digits(0)
-    torch.manual_seed(0)
-    state = train_source_model(split["x_train"][:1000], split["y_train"][:1000], seed=0, epochs=1)
-    ckpt = cache / "cnn.pt"
-    torch.save(state, ckpt)
-    return {"manifest": manifest, "checkpoint": ckpt}
 
 
 @pytest.mark.parametrize("family", list(SCALING_MODELS))
@@ -57,14 +41,14 @@ def test_retrieval_variants_skip_until_nn_exists():
         assert isinstance(got, str) or isinstance(got, RunConfig)
 
 
-def test_suite_writes_one_row_per_cell_and_reports_skips(ray_session, tiny_stream, tmp_path, capsys):
+def test_suite_writes_one_row_per_cell_and_reports_skips(ray_session, small_default, tmp_path, capsys):
     # Each run starts fresh worker processes (seconds on 2 cores), so the grid is kept to 6 runs.
     out = tmp_path / "suite"
     code = main([
         "--variants", "source,tent,ghost", "--batch-sizes", "40", "--workers", "1,2",
         "--repeats", "1", "--warmup", "0", "--rows", "80",
         "--scaling-variant", "source", "--scaling-rows", "40,80", "--out", str(out),
-        "--set", f"data.manifest={tiny_stream['manifest']}", "--set", f"model.checkpoint={tiny_stream['checkpoint']}",
+        "--set", f"data.manifest={small_default['manifest']}", "--set", f"model.checkpoint={small_default['checkpoint']}",
         "--set", "workers.num_cpus=0.25",
     ])
     assert code == 0

@@ -18,25 +18,11 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.mnistc import ensure_mnistc, split_digits
-from pipeline.default_model import small_cnn, train_source_model
+from pipeline.default_model import small_cnn
 from pipeline.run import run_job, shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
-DOMAINS = ["shot_noise", "motion_blur", "fog"]
-
-
-@pytest.fixture(scope="session")
-def small_default(tmp_path_factory):
-    """A 150-row MNIST-C stream and a briefly trained source checkpoint (not the cached default)."""
-    cache = tmp_path_factory.mktemp("cache")
-    manifest = ensure_mnistc(cache, DOMAINS, severity=3, n_test=50, seed=0)
-    split = split_digits(0)
-    torch.manual_seed(0)
-    state = train_source_model(split["x_train"][:1500], split["y_train"][:1500], seed=0, epochs=1)
-    ckpt = cache / "cnn.pt"
-    torch.save(state, ckpt)
-    return {"cache": cache, "manifest": manifest, "checkpoint": ckpt}
+from conftest import DOMAINS  # noqa: E402  (the small stream's domains)
 
 
 def make_cfg(small_default, tmp_path, *overrides: str):
