@@ -62,6 +62,27 @@ class WorkerConfig(_Strict):
     progress_interval_s: float = Field(5.0, gt=0.0)
 
 
+class KBConfig(_Strict):
+    """The knowledge base the `nn` method retrieves from (a directory written by build-kb)."""
+
+    dir: str | None = None  # None with method nn = build the default from the clean training split
+    index: Literal["flat", "ivf", "hnsw"] = "flat"  # only used when building the default KB
+    nprobe: int | None = Field(None, ge=1)  # ivf: lists searched per query (None = as built)
+    ef_search: int | None = Field(None, ge=1)  # hnsw: search breadth (None = as built)
+    # CPUs the shared KB actor reserves; 0 by default: on a small machine even 0.1 can leave Ray Data's
+    # read task (1 CPU) no room beside the workers, and faiss threads are set by `threads` anyway
+    num_cpus: float = Field(0.0, ge=0.0)
+    threads: int = Field(1, ge=1)  # faiss threads in the KB actor
+
+    @model_validator(mode="after")
+    def _params_fit_index(self) -> "KBConfig":
+        if self.nprobe is not None and self.index != "ivf":
+            raise ValueError(f"kb.nprobe applies to kb.index=ivf, not {self.index}")
+        if self.ef_search is not None and self.index != "hnsw":
+            raise ValueError(f"kb.ef_search applies to kb.index=hnsw, not {self.index}")
+        return self
+
+
 class RunConfig(_Strict):
     experiment: str = "default"
     tag: str | None = None
@@ -71,6 +92,7 @@ class RunConfig(_Strict):
     model: ModelConfig = ModelConfig()
     ttt: TTTConfig = TTTConfig()
     workers: WorkerConfig = WorkerConfig()
+    kb: KBConfig = KBConfig()  # used by method nn only
 
     def config_hash(self) -> str:
         """What fixes the results: data, model, method and shard count (not workers or paths)."""
@@ -80,6 +102,8 @@ class RunConfig(_Strict):
             "ttt": self.ttt.model_dump(exclude={"log_out"}),
             "num_shards": self.workers.num_shards,
         }
+        if self.ttt.method == "nn":  # the KB changes nn's results; other methods never read it
+            key["kb"] = self.kb.model_dump(include={"dir", "index", "nprobe", "ef_search"})
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -109,3 +109,17 @@ def summarise(results: pa.Table) -> dict[str, Any]:
         ok = df[df["error"].isna()]
         out["overall"]["bits_per_byte"] = float(ok["nll"].sum() / (ok["n_bytes"].sum() * 0.6931471805599453)) if len(ok) else None
     return out
+
+
+LOG_FIELDS = ("shard", "batch_index", "domain", "losses", "steps", "stop_reason", "class_entropy",
+              "max_class_prob", "unique_classes", "diversity_weight", "grad_norm", "mask_ratio", "used_cache",
+              "timing_total")
+
+
+def append_log(path: Path, analysis: list[dict[str, Any]]) -> None:
+    """`ttt.log_out`: a lightweight JSON-lines log beside the Parquet, one line per adapted batch,
+    appended as each shard lands, so `tail -f` shows a long run's adaptation as it goes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for rec in analysis:
+            fh.write(json.dumps({k: rec.get(k) for k in LOG_FIELDS}, default=float) + "\n")

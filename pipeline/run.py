@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import check_manifest
-from pipeline.outputs import completed_shards, read_results, summarise, write_json, write_shard
+from pipeline.outputs import append_log, completed_shards, read_results, summarise, write_json, write_shard
 from pipeline.meta import git_commit, new_run_id, package_versions
 
 DEFAULT_FACTORY = "pipeline.default_model:small_cnn"
@@ -52,8 +52,51 @@ def prepare(cfg: RunConfig) -> RunConfig:
     elif cfg.model.checkpoint is not None:
         updates["model"] = cfg.model.model_copy(update={"checkpoint": str(Path(cfg.model.checkpoint).resolve())})
     cfg = cfg.model_copy(update=updates)
+    if cfg.ttt.method == "nn":
+        cfg = cfg.model_copy(update={"kb": cfg.kb.model_copy(update={"dir": str(Path(ensure_kb(cfg)).resolve())})})
     _check_method_starts(cfg)
     return cfg
+
+
+def default_kb_dir(cfg: RunConfig) -> Path:
+    """Where the default KB for (data split, model checkpoint, index type) lives under the cache."""
+    from workers.ttt_worker import embedder_name
+
+    name = embedder_name(cfg.model.model_dump()).replace("@", "-")
+    return Path(cfg.data.cache_dir) / "kb" / f"{Path(cfg.data.manifest).parent.name}-{name}-{cfg.kb.index}"
+
+
+def ensure_kb(cfg: RunConfig) -> str:
+    """kb.dir when given, else the default KB: the clean training split beside the manifest
+    (train.npz) embedded with the source model's `embed`, built on first use."""
+    if cfg.model.checkpoint is None:  # the KB's embedder name is a hash of the checkpoint
+        raise ConfigError("ttt.method=nn needs model.checkpoint (KB and queries must embed with the same weights)")
+    if cfg.kb.dir is not None:
+        if not (Path(cfg.kb.dir) / "kb.json").is_file():
+            raise ConfigError(f"kb.dir: not a KB directory (no kb.json): {cfg.kb.dir}")
+        return cfg.kb.dir
+    out = default_kb_dir(cfg)
+    if (out / "kb.json").is_file():
+        return str(out)
+    train = Path(cfg.data.manifest).parent / "train.npz"
+    if not train.is_file():
+        raise ConfigError(f"ttt.method=nn needs kb.dir: no training split to build a default KB from ({train})")
+    import pyarrow as pa
+
+    from kb_index import IndexSpec, build_kb
+    from kb_index.embedders import ImagePreprocess, TorchFeatureEmbedder
+    from pipeline.data.mnistc import load_train_split
+    from workers.ttt_worker import build_adapter, embedder_name
+
+    x, y = load_train_split(cfg.data.manifest)
+    corpus = {"id": list(range(len(y))), "label": [int(v) for v in y],
+              "pixels": [img.reshape(-1).tolist() for img in x]}
+    model = build_adapter(cfg.model.model_dump(), "cpu").get_model()
+    embedder = TorchFeatureEmbedder(model, embedder_name(cfg.model.model_dump()),
+                                    ImagePreprocess(tuple(cfg.model.image_shape), cfg.model.mean, cfg.model.std))
+    log(f"building the default KB ({len(y)} training digits, {cfg.kb.index}) in {out}")
+    build_kb(pa.table(corpus), out, embedder, IndexSpec(type=cfg.kb.index), progress=log)
+    return str(out)
 
 
 def _check_method_starts(cfg: RunConfig) -> None:
@@ -61,9 +104,84 @@ def _check_method_starts(cfg: RunConfig) -> None:
     from workers.ttt_worker import build_adapter
 
     try:
-        build_method(build_adapter(cfg.model.model_dump(), "cpu"), cfg.ttt)
-    except ValueError as exc:  # missing hooks, bad update filter, model load errors
+        adapter = build_adapter(cfg.model.model_dump(), "cpu")
+        build_method(adapter, cfg.ttt, _check_services(cfg))
+    except ValueError as exc:  # missing hooks, bad update filter, model load errors, KB mismatch
         raise ConfigError(str(exc)) from None
+
+
+def _check_services(cfg: RunConfig) -> dict[str, Any]:
+    """nn's services in-process (the real KB, a real cache object) so a bad KB or cache setting
+    fails on the driver before Ray starts; the run's workers get clients of shared actors."""
+    if cfg.ttt.method != "nn":
+        return {}
+    from ttt.methods.nn import KB_PAYLOAD
+    from workers.adapter_cache import AdapterCacheActor
+    from workers.kb_actor import KBRetrievalActor
+    from workers.ttt_worker import CacheClient, KBClient, embedder_name
+
+    kb = KBRetrievalActor(cfg.kb.dir, threads=1)
+    _check_kb_info(cfg, kb.info())
+    missing = [c for c in KB_PAYLOAD if c not in kb.kb.meta["columns"]]
+    if missing:
+        raise ConfigError(f"kb.dir {cfg.kb.dir}: method nn fine-tunes on the KB rows, which lack {missing}")
+    services: dict[str, Any] = {"kb": KBClient(kb, embedder=embedder_name(cfg.model.model_dump()),
+                                               nprobe=cfg.kb.nprobe, ef_search=cfg.kb.ef_search)}
+    if cfg.ttt.nn.use_cache:
+        nn = cfg.ttt.nn
+        services["cache"] = CacheClient(AdapterCacheActor(nn.cache_capacity, nn.cache_threshold, nn.cache_eviction))
+    return services
+
+
+def _check_kb_info(cfg: RunConfig, info: dict[str, Any]) -> None:
+    from workers.ttt_worker import embedder_name
+
+    want = embedder_name(cfg.model.model_dump())
+    if info["embedder"] != want:
+        raise ConfigError(f"kb.dir {cfg.kb.dir} was built with embedder '{info['embedder']}', the model embeds as '{want}'")
+    if info["index"]["type"] != cfg.kb.index:
+        raise ConfigError(f"kb.index={cfg.kb.index} but the KB at {cfg.kb.dir} is {info['index']['type']}")
+
+
+class _SharedActors:
+    """The run's shared KB and adapter-cache actors (method nn), named after the run, created once
+    by the driver; workers find them by name. Killed when the run ends."""
+
+    def __init__(self, cfg: RunConfig, run_id: str):
+        self.cfg, self.kb, self.cache = cfg, None, None
+        self.spec: dict[str, Any] | None = None
+        if cfg.ttt.method != "nn":
+            return
+        from workers.adapter_cache import get_or_create_adapter_cache
+        from workers.kb_actor import get_or_create_kb_actor
+        from workers.ttt_worker import embedder_name
+
+        kb_name = f"kb-{run_id}"
+        self.kb = get_or_create_kb_actor(cfg.kb.dir, name=kb_name, num_cpus=cfg.kb.num_cpus, threads=cfg.kb.threads)
+        self.spec = {"kb": {"actor": kb_name, "embedder": embedder_name(cfg.model.model_dump()),
+                            "nprobe": cfg.kb.nprobe, "ef_search": cfg.kb.ef_search}, "cache": None}
+        nn = cfg.ttt.nn
+        if nn.use_cache:
+            cache_name = f"adapter-cache-{run_id}"
+            self.cache = get_or_create_adapter_cache(name=cache_name, capacity=nn.cache_capacity,
+                                                     threshold=nn.cache_threshold, eviction=nn.cache_eviction,
+                                                     seed=cfg.ttt.seed)
+            self.spec["cache"] = cache_name
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        import ray
+
+        return None if self.cache is None else ray.get(self.cache.stats.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in (self.kb, self.cache):
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
 
 
 def init_ray() -> dict[str, float]:
@@ -85,7 +203,7 @@ def worker_count(cfg: RunConfig, resources: dict[str, float], shards_left: int) 
     if cfg.workers.num_workers is not None:
         return max(1, min(cfg.workers.num_workers, shards_left))
     fits = shards_left
-    cpus = resources.get("CPU", 1.0)
+    cpus = resources.get("CPU", 1.0) - (cfg.kb.num_cpus if cfg.ttt.method == "nn" else 0.0)  # the shared KB actor
     if cfg.workers.num_cpus > 0:
         fits = int((cpus - 0.5) // cfg.workers.num_cpus)  # keep half a CPU for Ray Data's reads
     if cfg.workers.num_gpus > 0:
@@ -109,13 +227,14 @@ def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
 class _Pool:
     """Worker actors, replaced on death. Names carry the run id so tests and users can find them."""
 
-    def __init__(self, cfg: RunConfig, run_id: str, size: int):
+    def __init__(self, cfg: RunConfig, run_id: str, size: int, services: dict[str, Any] | None = None):
         from workers.ttt_worker import TTTWorkerActor
 
         self._cls = TTTWorkerActor
         self.cfg, self.run_id = cfg, run_id
         self.spec = {"run_id": run_id, "model": cfg.model.model_dump(), "ttt": cfg.ttt.model_dump(),
-                     "torch_threads": cfg.workers.torch_threads, "num_gpus": cfg.workers.num_gpus}
+                     "torch_threads": cfg.workers.torch_threads, "num_gpus": cfg.workers.num_gpus,
+                     "services": services}
         self.generation = 0
         self.actors = [self._start(i) for i in range(size)]
 
@@ -186,8 +305,9 @@ def run_job(cfg: RunConfig) -> Path:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     done = completed_shards(run_dir, config_hash)
     shards_left = cfg.workers.num_shards - len(done)
+    shared = _SharedActors(cfg, run_id) if shards_left else None
     # Workers start (importing torch, loading the model) while the driver reads the manifest.
-    pool = _Pool(cfg, run_id, worker_count(cfg, resources, shards_left)) if shards_left else None
+    pool = _Pool(cfg, run_id, worker_count(cfg, resources, shards_left), shared.spec) if shards_left else None
     t0 = time.perf_counter()
     restarts = 0
     try:
@@ -232,6 +352,8 @@ def run_job(cfg: RunConfig) -> Path:
                         idle.append(slot)
                         continue
                     write_shard(run_dir, shard, out["results"], out["analysis"], config_hash)
+                    if cfg.ttt.log_out:
+                        append_log(run_dir / cfg.ttt.log_out, out["analysis"])  # relative to the run dir
                     rows_written += len(out["results"])
                     idle.append(slot)
                     log(f"shard {shard} done ({len(out['results'])} rows); {rows_written}/{n_rows} rows written")
@@ -243,7 +365,8 @@ def run_job(cfg: RunConfig) -> Path:
         wall = time.perf_counter() - t0
         summary["throughput"] = {"wall_s": wall, "rows_processed": sum(bounds[s][1] - bounds[s][0] for s in todo),
                                  "samples_per_s": (sum(bounds[s][1] - bounds[s][0] for s in todo) / wall) if wall > 0 else None}
-        summary["cache"] = None
+        # read while the workers live: the cached adapters' objects belong to them
+        summary["cache"] = shared.cache_stats() if shared is not None else None
         write_json(run_dir / "summary.json", summary)
         info.update(status="finished", ended_at=datetime.now(timezone.utc).isoformat(),
                     counts={"rows": results.num_rows, "errors": summary["overall"]["errors_rows"],
@@ -259,6 +382,8 @@ def run_job(cfg: RunConfig) -> Path:
     finally:
         if pool is not None:
             pool.shutdown()
+        if shared is not None:
+            shared.shutdown()
 
 
 def _report_progress(pool: _Pool, running: dict, bounds, rows_written: int, n_rows: int, t0: float) -> None:
@@ -292,6 +417,10 @@ def format_summary(run_dir: Path) -> str:
         lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}")
     o = summary["overall"]
     lines.append(f"rows {o['n']}, error rows {o['errors_rows']}, {summary['throughput']['samples_per_s'] or 0:.0f} samples/s")
+    if summary.get("cache"):
+        c = summary["cache"]
+        lines.append(f"adapter cache: hit rate {c['hit_rate']:.2f} ({c['hits']} hits, {c['misses']} misses, "
+                     f"{c['evictions']} evictions)")
     lines.append(f"results:  {run_dir / 'results'}")
     lines.append(f"analysis: {run_dir / 'analysis'}")
     return "\n".join(lines)

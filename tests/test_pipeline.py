@@ -211,11 +211,13 @@ def test_cli_flags_reach_the_method(ray_session, small_default, tmp_path):
             "--set", f"model.checkpoint={small_default['checkpoint']}", "--set", f"output_root={tmp_path / 'runs'}",
             "--set", "ttt.batch_size=50", "--set", "ttt.steps=3", "--set", "ttt.mim.mask_prob=0.25",
             "--set", "ttt.update_filter=all", "--set", "ttt.guards.grad_clip=0.5", "--set", "run_id=cli-flags",
-            "--set", "workers.num_cpus=0.25"]
+            "--set", "workers.num_cpus=0.25", "--set", "ttt.log_out=adapt.jsonl"]
     assert main(args) == 0
     run_dir = tmp_path / "runs" / "cli-flags"
     analysis = pd.read_parquet(run_dir / "analysis")
     assert (analysis["steps"] == 3).all()
+    log = [json.loads(line) for line in (run_dir / "adapt.jsonl").read_text().splitlines()]
+    assert len(log) == len(analysis) and all(len(rec["losses"]) == 3 for rec in log)
     assert analysis["mask_ratio"].between(0.1, 0.4).all()  # realised ratio follows mask_prob=0.25
     norm_only = sum(p.numel() for m in small_cnn().features.modules() if isinstance(m, torch.nn.BatchNorm2d)
                     for p in m.parameters())

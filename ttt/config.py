@@ -56,7 +56,9 @@ class NNConfig(_Strict):
     min_score: float | None = None  # drop neighbours scoring below
     score_weighted: bool = False
     use_cache: bool = False
-    cache_threshold: float = Field(0.95, ge=-1.0, le=1.0)
+    cache_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine of batch key to an entry for a hit
+    cache_capacity: int = Field(256, ge=1)  # adapters held by the shared cache actor
+    cache_eviction: Literal["lfu", "lru", "random"] = "lru"
 
 
 class TTTConfig(_Strict):

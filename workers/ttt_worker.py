@@ -15,6 +15,8 @@ import ray
 import torch
 
 from ttt import TTTConfig, build_method
+from ttt.methods.nn import KB_PAYLOAD, CacheHit
+from workers.adapter_cache import fetch_adapter, offer_adapter
 from workers.adapters import ImageClassifierAdapter
 from workers.models import load_model
 from workers.stream import run_stream
@@ -28,6 +30,59 @@ def build_adapter(model_spec: dict[str, Any], device: str):
     raise ValueError(f"model.kind={model_spec['kind']!r} has no adapter yet")
 
 
+def embedder_name(model_spec: dict[str, Any]) -> str:
+    """The name the KB of this model's `embed` features carries (as `build-kb --embedder cnn:` writes
+    it for the default): the factory function's name plus a hash of the checkpoint."""
+    from kb_index import torch_checkpoint_name
+
+    return torch_checkpoint_name(model_spec["factory"].rpartition(":")[2], model_spec["checkpoint"])
+
+
+class KBClient:
+    """services["kb"] for `nn`: the shared KB actor (a Ray handle) or an in-process
+    KBRetrievalActor behind ttt's KnowledgeBaseService."""
+
+    def __init__(self, target: Any, *, embedder: str, nprobe: int | None = None, ef_search: int | None = None):
+        self.target = target
+        self._remote = isinstance(target, ray.actor.ActorHandle)
+        self.options = {"embedder": embedder, "payload": list(KB_PAYLOAD), "nprobe": nprobe, "ef_search": ef_search}
+
+    def search(self, embeddings, k: int):
+        if self._remote:
+            return ray.get(self.target.search.remote(embeddings, k, **self.options))
+        return self.target.search(embeddings, k, **self.options)
+
+
+class CacheClient:
+    """services["cache"] for `nn`: the shared adapter-cache actor behind ttt's AdapterCacheService.
+    The stored value is {"query", "state"}, so a hit can name the query its adapter was made for."""
+
+    def __init__(self, handle: "ray.actor.ActorHandle"):
+        self.handle = handle
+
+    def lookup(self, embedding) -> CacheHit | None:
+        found = fetch_adapter(self.handle, embedding)
+        if found is None:
+            return None
+        key, value, score = found
+        return CacheHit(key=key, state=value["state"], score=score, query=value["query"])
+
+    def offer(self, embedding, query: Any, state: dict[str, torch.Tensor]) -> str:
+        return offer_adapter(self.handle, embedding, query, {"query": query, "state": state})
+
+
+def build_services(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Clients for the shared actors the driver named in the worker spec (method nn)."""
+    if not spec:
+        return {}
+    kb = spec["kb"]
+    services: dict[str, Any] = {"kb": KBClient(ray.get_actor(kb["actor"]), embedder=kb["embedder"],
+                                               nprobe=kb["nprobe"], ef_search=kb["ef_search"])}
+    if spec.get("cache"):
+        services["cache"] = CacheClient(ray.get_actor(spec["cache"]))
+    return services
+
+
 class TTTWorker:
     def __init__(self, spec: dict[str, Any], name: str):
         torch.set_num_threads(spec["torch_threads"])
@@ -36,7 +91,8 @@ class TTTWorker:
         self.name = name
         self.run_id = spec["run_id"]
         self.adapter = build_adapter(spec["model"], self.device)
-        self.method = build_method(self.adapter, TTTConfig.model_validate(spec["ttt"]))
+        self.method = build_method(self.adapter, TTTConfig.model_validate(spec["ttt"]),
+                                   build_services(spec.get("services")))
         self._lock = threading.Lock()
         self._progress = {"shard": None, "rows_done": 0}
 

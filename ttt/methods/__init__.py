@@ -7,10 +7,11 @@ from ttt.config import TTTConfig
 from ttt.methods.base import GradientMethod, Method, MissingHookError, StepResult
 from ttt.methods.cotta import CoTTA
 from ttt.methods.mim import MIM
+from ttt.methods.nn import NN
 from ttt.methods.source import Norm, Source
 from ttt.methods.tent import Tent
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA, NN)}
 
 
 def build_method(adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None) -> Method:
