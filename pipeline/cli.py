@@ -5,6 +5,7 @@ Heavy imports (Ray, torch) happen inside the commands, so a config error exits a
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pipeline.config import ConfigError, load_config
@@ -49,40 +50,35 @@ def cmd_build_data(argv: list[str]) -> int:
     return 0
 
 
+# Each command's module is imported only when it runs (Ray and torch are slow to import).
+COMMANDS: dict[str, str] = {
+    "run": "pipeline.cli:cmd_run",
+    "build-data": "pipeline.cli:cmd_build_data",
+    "build-kb": "pipeline.build_kb:main",
+    "runs": "pipeline.runs:runs_main",
+    "bench-suite": "pipeline.bench_suite:main",
+    "report": "pipeline.report:report_main",
+}
+ONE_LINE_ERRORS = ("ManifestError", "ModelLoadError", "MissingHookError", "UpdateFilterError")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    module, _, func = COMMANDS[command].partition(":")
     try:
-        if command == "run":
-            return cmd_run(rest)
-        if command == "build-data":
-            return cmd_build_data(rest)
-        if command == "build-kb":
-            from pipeline.build_kb import main as build_kb_main
-
-            return build_kb_main(rest)
-        if command == "runs":
-            from pipeline.runs import runs_main
-
-            return runs_main(rest)
-        if command == "bench-suite":
-            from pipeline.bench_suite import main as bench_suite_main
-
-            return bench_suite_main(rest)
-        if command == "report":
-            from pipeline.report import report_main
-
-            return report_main(rest)
+        return getattr(importlib.import_module(module), func)(rest)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     except ValueError as exc:  # manifest / model-load errors: one line, no traceback
-        if type(exc).__name__ in ("ManifestError", "ModelLoadError", "MissingHookError", "UpdateFilterError"):
+        if type(exc).__name__ in ONE_LINE_ERRORS:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
