@@ -6,6 +6,7 @@ with unit L2 norm, which makes faiss inner product equal to cosine similarity.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -32,11 +33,18 @@ class Embedder(Protocol):
 def torch_checkpoint_name(arch: str, checkpoint: str | os.PathLike) -> str:
     """Embedder name for a torch model: architecture plus a content hash of its checkpoint,
     so a KB built from one set of weights refuses queries embedded by another."""
+    st = os.stat(checkpoint)
+    # memoised on the file's identity: the driver asks several times per run, and checkpoints can be GBs
+    return f"{arch}@{_file_digest(os.fspath(os.path.abspath(checkpoint)), st.st_size, st.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with open(checkpoint, "rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return f"{arch}@{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
 
 
 class VectorEmbedder:

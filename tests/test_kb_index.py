@@ -2,6 +2,7 @@
 embedder identity checks, the offline sentence model, the CNN feature embedder, the CLI."""
 from __future__ import annotations
 
+import os
 import json
 
 import numpy as np
@@ -190,3 +191,16 @@ def test_cli_builds_and_names_errors(tmp_path, capsys):
     assert main(["--corpus", str(tmp_path / "digits.parquet"), "--out", str(tmp_path / "x"), "--column", "body"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no 'body' column" in err
+
+
+def test_checkpoint_name_follows_the_file_content(tmp_path):
+    """The digest is memoised per file identity, so a rewritten checkpoint must get a new name."""
+    from kb_index.embedders import torch_checkpoint_name
+
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"weights v1")
+    first = torch_checkpoint_name("small_cnn", ckpt)
+    assert torch_checkpoint_name("small_cnn", ckpt) == first
+    ckpt.write_bytes(b"weights version 2")
+    os.utime(ckpt, ns=(1, 2))  # a distinct mtime even on coarse file-system clocks
+    assert torch_checkpoint_name("small_cnn", ckpt) != first
