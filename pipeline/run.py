@@ -9,6 +9,7 @@ stay those of an undisturbed run; every restart is printed and counted in run.js
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -143,6 +144,19 @@ def _check_kb_info(cfg: RunConfig, info: dict[str, Any]) -> None:
         raise ConfigError(f"kb.index={cfg.kb.index} but the KB at {cfg.kb.dir} is {info['index']['type']}")
 
 
+def _kill(*actors: Any) -> None:
+    """Kill actors that may already be dead (a worker killed mid-run, a run ending after a failure)."""
+    import ray
+
+    for actor in actors:
+        if actor is None:
+            continue
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+
+
 class _SharedActors:
     """The run's shared KB and adapter-cache actors (method nn), named after the run, created once
     by the driver; workers find them by name. Killed when the run ends."""
@@ -174,14 +188,7 @@ class _SharedActors:
         return None if self.cache is None else ray.get(self.cache.stats.remote())
 
     def shutdown(self) -> None:
-        import ray
-
-        for actor in (self.kb, self.cache):
-            if actor is not None:
-                try:
-                    ray.kill(actor)
-                except Exception:
-                    pass
+        _kill(self.kb, self.cache)
 
 
 def init_ray() -> dict[str, float]:
@@ -245,22 +252,11 @@ class _Pool:
                                  max_concurrency=2, max_restarts=0).remote(self.spec, name)
 
     def replace(self, slot: int) -> None:
-        import ray
-
-        try:
-            ray.kill(self.actors[slot])
-        except Exception:
-            pass
+        _kill(self.actors[slot])
         self.actors[slot] = self._start(slot)
 
     def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
+        _kill(*self.actors)
 
 
 def _run_info(cfg: RunConfig, run_id: str, resources: dict[str, float], started: str) -> dict[str, Any]:
@@ -287,8 +283,6 @@ def run_job(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output_root) / run_id
     config_hash = cfg.config_hash()
     if (run_dir / "run.json").exists():
-        import json
-
         previous = json.loads((run_dir / "run.json").read_text())
         if previous.get("config_hash") != config_hash:
             raise ConfigError(f"run directory {run_dir} holds config hash {previous.get('config_hash')}, "
@@ -363,8 +357,9 @@ def run_job(cfg: RunConfig) -> Path:
         results = read_results(run_dir)
         summary = summarise(results)
         wall = time.perf_counter() - t0
-        summary["throughput"] = {"wall_s": wall, "rows_processed": sum(bounds[s][1] - bounds[s][0] for s in todo),
-                                 "samples_per_s": (sum(bounds[s][1] - bounds[s][0] for s in todo) / wall) if wall > 0 else None}
+        processed = sum(bounds[s][1] - bounds[s][0] for s in todo)
+        summary["throughput"] = {"wall_s": wall, "rows_processed": processed,
+                                 "samples_per_s": processed / wall if wall > 0 else None}
         # read while the workers live: the cached adapters' objects belong to them
         summary["cache"] = shared.cache_stats() if shared is not None else None
         write_json(run_dir / "summary.json", summary)
@@ -404,8 +399,6 @@ def _report_progress(pool: _Pool, running: dict, bounds, rows_written: int, n_ro
 
 
 def format_summary(run_dir: Path) -> str:
-    import json
-
     summary = json.loads((run_dir / "summary.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
     lines = [f"run {info['run_id']}  method={info['method']}  predict_from={info['predict_from']}",
