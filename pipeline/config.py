@@ -24,8 +24,10 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: str = "mnistc"
-    manifest: str | None = None  # Parquet manifest; None = build the embedded MNIST-C default
+    # which embedded default builds the manifest when `manifest` is None: the MNIST-C stream,
+    # the held-out text chunks, or those chunks as next-line multiple-choice questions
+    dataset: Literal["mnistc", "text", "text_choices"] = "mnistc"
+    manifest: str | None = None  # Parquet manifest; None = build the embedded default of `dataset`
     cache_dir: str = ".cache"
     corruptions: list[str] | None = None  # None = the default list (pipeline.data.mnistc)
     severity: int = Field(3, ge=1, le=5)
@@ -35,20 +37,36 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, ge=1)  # evaluate only the first N manifest rows
 
 
+class LoraConfig(_Strict):
+    """PEFT LoRA adapter a causal LM is wrapped in (what method nn trains)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None = PEFT's default for the architecture (GPT-2: c_attn)
+
+
 class ModelConfig(_Strict):
     kind: Literal["image_classifier", "causal_lm"] = "image_classifier"
+    # image_classifier: a factory reference and a state_dict
     factory: str = "pipeline.default_model:small_cnn"  # package.module:function
     factory_kwargs: dict[str, Any] = {}
     checkpoint: str | None = None  # state_dict file; None with the default factory = embedded default
     image_shape: list[int] = [1, 28, 28]
     mean: float = 0.1307
     std: float = 0.3081
+    # causal_lm: a Hugging Face model directory (save_pretrained layout, loaded offline)
+    path: str | None = None  # None = the embedded tiny GPT-2 (trained once under data.cache_dir)
+    lora: LoraConfig | None = None  # None = no adapter (method nn on a causal LM needs one)
+    max_length: int | None = Field(None, ge=2)  # scoring window; None = the model's context
 
     @model_validator(mode="after")
     def _factory_shape(self) -> "ModelConfig":
         module, _, func = self.factory.partition(":")
         if not module or not func:
             raise ValueError(f"factory must look like package.module:function, got {self.factory!r}")
+        if self.kind == "image_classifier" and (self.path is not None or self.lora is not None):
+            raise ValueError("model.path and model.lora apply to model.kind=causal_lm")
         return self
 
 

@@ -7,6 +7,7 @@ a rerun skips shards whose marker carries the same hash (DESIGN.md, Outputs).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,14 @@ ANALYSIS_SCHEMA = pa.schema([
     ("timing_embedding", pa.float64()), ("timing_cache_lookup", pa.float64()),
     ("timing_kb_retrieval", pa.float64()), ("timing_fine_tuning", pa.float64()),
     ("timing_forward_pass", pa.float64()), ("timing_total", pa.float64()), ("worker", pa.string()),
+])
+
+# ttt.nn.logit_lens_top_k > 0 (causal LMs): one row per (query, stage, layer, rank)
+LENS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("batch_index", pa.int64()), ("sample_id", pa.string()),
+    ("stage", pa.string()), ("layer", pa.int32()), ("position", pa.int64()), ("rank", pa.int32()),
+    ("token_id", pa.int64()), ("token", pa.string()), ("prob", pa.float64()), ("entropy", pa.float64()),
+    ("target_prob", pa.float64()),
 ])
 
 
@@ -64,10 +73,15 @@ def marker_path(run_dir: Path, shard: int) -> Path:
     return run_dir / "results" / f"_SUCCESS-{shard:05d}.json"
 
 
-def write_shard(run_dir: Path, shard: int, results: list[dict[str, Any]], analysis: list[dict[str, Any]],
-                config_hash: str) -> None:
-    for sub, table in (("results", to_table(results, results_schema(results))),
-                       ("analysis", to_table(analysis, ANALYSIS_SCHEMA))):
+def write_shard(run_dir: Path, shard: int, rows: dict[str, list[dict[str, Any]]], config_hash: str) -> None:
+    """Write a shard's results and analysis parts (and its logit-lens part, when it has one),
+    then the marker that makes the shard count as done."""
+    results = rows["results"]
+    tables = [("results", to_table(results, results_schema(results))),
+              ("analysis", to_table(rows["analysis"], ANALYSIS_SCHEMA))]
+    if rows.get("lens"):
+        tables.append(("lens", to_table(rows["lens"], LENS_SCHEMA)))
+    for sub, table in tables:
         folder = run_dir / sub
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{part_name(shard)}.tmp"
@@ -93,11 +107,20 @@ def read_results(run_dir: Path) -> pa.Table:
 
 
 def summarise(results: pa.Table) -> dict[str, Any]:
+    """Headline metrics overall and per domain: error over rows with a label and a prediction;
+    for LM rows also bits per byte, pooled over bytes (sum of nll / sum of bytes), as the
+    TTT-NN paper reports it."""
     df = results.to_pandas()
     scored = df[df["correct"].notna()]
+    lm = "bits_per_byte" in df.columns
+    ok = df[df["error"].isna()]
     per_domain = {}
     for domain, group in scored.groupby("domain", sort=False):
         per_domain[str(domain)] = {"n": int(len(group)), "error": float(1.0 - group["correct"].astype(bool).mean())}
+    if lm:
+        for domain, group in ok.groupby("domain", sort=False):
+            per_domain.setdefault(str(domain), {"n": int(len(group)), "error": None})
+            per_domain[str(domain)]["bits_per_byte"] = _pooled_bpb(group)
     overall_err = float(1.0 - scored["correct"].astype(bool).mean()) if len(scored) else None
     out = {
         "overall": {"n": int(len(df)), "scored": int(len(scored)), "error": overall_err,
@@ -105,10 +128,13 @@ def summarise(results: pa.Table) -> dict[str, Any]:
                     "errors_rows": int(df["error"].notna().sum())},
         "per_domain": per_domain,
     }
-    if "bits_per_byte" in df.columns:
-        ok = df[df["error"].isna()]
-        out["overall"]["bits_per_byte"] = float(ok["nll"].sum() / (ok["n_bytes"].sum() * 0.6931471805599453)) if len(ok) else None
+    if lm:
+        out["overall"]["bits_per_byte"] = _pooled_bpb(ok) if len(ok) else None
     return out
+
+
+def _pooled_bpb(rows: Any) -> float:
+    return float(rows["nll"].sum() / (rows["n_bytes"].sum() * math.log(2)))
 
 
 LOG_FIELDS = ("shard", "batch_index", "domain", "losses", "steps", "stop_reason", "class_entropy",

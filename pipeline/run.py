@@ -36,16 +36,30 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """Resolve the embedded defaults (build data / train the source model if missing), check the
     manifest and build the method once on the driver so start-up errors surface before Ray."""
     updates: dict[str, Any] = {}
-    if cfg.data.manifest is None:
+    if cfg.data.manifest is None and cfg.data.dataset == "mnistc":
         from pipeline.data.mnistc import ensure_mnistc
 
         manifest = ensure_mnistc(cfg.data.cache_dir, cfg.data.corruptions, cfg.data.severity,
                                  cfg.data.n_test, cfg.data.include_clean, cfg.data.seed)
         updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
+    elif cfg.data.manifest is None:
+        from pipeline.data.text import ensure_text_manifest
+
+        manifest = ensure_text_manifest(text_cache(cfg), cfg.data.dataset, cfg.data.seed)
+        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
     else:
         updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(cfg.data.manifest).resolve())})
     check_manifest(updates["data"].manifest, cfg.model.kind)
-    if cfg.model.factory == DEFAULT_FACTORY and cfg.model.checkpoint is None:
+    if cfg.model.kind == "causal_lm":
+        path = cfg.model.path
+        if path is None:
+            from pipeline.data.text import train_tiny_lm
+
+            path = train_tiny_lm(text_cache(cfg), seed=cfg.data.seed)
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.path: not a Hugging Face model directory (no config.json): {path}")
+        updates["model"] = cfg.model.model_copy(update={"path": str(Path(path).resolve())})
+    elif cfg.model.factory == DEFAULT_FACTORY and cfg.model.checkpoint is None:
         from pipeline.default_model import ensure_default_checkpoint
 
         ckpt = ensure_default_checkpoint(cfg.data.cache_dir, cfg.data.seed)
@@ -59,23 +73,33 @@ def prepare(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def text_cache(cfg: RunConfig) -> Path:
+    """Where the embedded text default (corpus, tiny GPT-2) lives."""
+    return Path(cfg.data.cache_dir) / "text"
+
+
 def default_kb_dir(cfg: RunConfig) -> Path:
     """Where the default KB for (data split, model checkpoint, index type) lives under the cache."""
     from workers.ttt_worker import embedder_name
 
     name = embedder_name(cfg.model.model_dump()).replace("@", "-")
+    if cfg.model.kind == "causal_lm":
+        return Path(cfg.data.cache_dir) / "kb" / f"text-seed{cfg.data.seed}-{name}-{cfg.kb.index}"
     return Path(cfg.data.cache_dir) / "kb" / f"{Path(cfg.data.manifest).parent.name}-{name}-{cfg.kb.index}"
 
 
 def ensure_kb(cfg: RunConfig) -> str:
-    """kb.dir when given, else the default KB: the clean training split beside the manifest
-    (train.npz) embedded with the source model's `embed`, built on first use."""
-    if cfg.model.checkpoint is None:  # the KB's embedder name is a hash of the checkpoint
-        raise ConfigError("ttt.method=nn needs model.checkpoint (KB and queries must embed with the same weights)")
+    """kb.dir when given, else the default KB, built on first use: for a classifier, the clean
+    training split beside the manifest (train.npz) embedded with the source model's `embed`;
+    for a causal LM, the text corpus's KB chunks embedded with the sentence model."""
     if cfg.kb.dir is not None:
         if not (Path(cfg.kb.dir) / "kb.json").is_file():
             raise ConfigError(f"kb.dir: not a KB directory (no kb.json): {cfg.kb.dir}")
         return cfg.kb.dir
+    if cfg.model.kind == "causal_lm":
+        return _ensure_text_kb(cfg)
+    if cfg.model.checkpoint is None:  # the KB's embedder name is a hash of the checkpoint
+        raise ConfigError("ttt.method=nn needs model.checkpoint (KB and queries must embed with the same weights)")
     out = default_kb_dir(cfg)
     if (out / "kb.json").is_file():
         return str(out)
@@ -100,6 +124,23 @@ def ensure_kb(cfg: RunConfig) -> str:
     return str(out)
 
 
+def _ensure_text_kb(cfg: RunConfig) -> str:
+    out = default_kb_dir(cfg)
+    if (out / "kb.json").is_file():
+        return str(out)
+    import pyarrow.parquet as pq
+
+    from kb_index import IndexSpec, SentenceEmbedder, build_kb
+    from pipeline.data.text import build_text_corpus
+
+    corpus = pq.read_table(build_text_corpus(text_cache(cfg), seed=cfg.data.seed)["kb"])
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    log(f"building the default text KB ({corpus.num_rows} chunks, {cfg.kb.index}, sentence embedder, "
+        f"{threads} threads; a few minutes on 2 cores, once) in {out}")
+    build_kb(corpus, out, SentenceEmbedder(threads=threads), IndexSpec(type=cfg.kb.index), progress=log)
+    return str(out)
+
+
 def _check_method_starts(cfg: RunConfig) -> None:
     from ttt import build_method
     from workers.ttt_worker import build_adapter
@@ -116,17 +157,17 @@ def _check_services(cfg: RunConfig) -> dict[str, Any]:
     fails on the driver before Ray starts; the run's workers get clients of shared actors."""
     if cfg.ttt.method != "nn":
         return {}
-    from ttt.methods.nn import KB_PAYLOAD
     from workers.adapter_cache import AdapterCacheActor
     from workers.kb_actor import KBRetrievalActor
-    from workers.ttt_worker import CacheClient, KBClient, embedder_name
+    from workers.ttt_worker import CacheClient, KBClient, embedder_name, kb_payload
 
     kb = KBRetrievalActor(cfg.kb.dir, threads=1)
     _check_kb_info(cfg, kb.info())
-    missing = [c for c in KB_PAYLOAD if c not in kb.kb.meta["columns"]]
+    payload = kb_payload(cfg.model.model_dump())
+    missing = [c for c in payload if c not in kb.kb.meta["columns"]]
     if missing:
         raise ConfigError(f"kb.dir {cfg.kb.dir}: method nn fine-tunes on the KB rows, which lack {missing}")
-    services: dict[str, Any] = {"kb": KBClient(kb, embedder=embedder_name(cfg.model.model_dump()),
+    services: dict[str, Any] = {"kb": KBClient(kb, embedder=embedder_name(cfg.model.model_dump()), payload=payload,
                                                nprobe=cfg.kb.nprobe, ef_search=cfg.kb.ef_search)}
     if cfg.ttt.nn.use_cache:
         nn = cfg.ttt.nn
@@ -168,11 +209,12 @@ class _SharedActors:
             return
         from workers.adapter_cache import get_or_create_adapter_cache
         from workers.kb_actor import get_or_create_kb_actor
-        from workers.ttt_worker import embedder_name
+        from workers.ttt_worker import embedder_name, kb_payload
 
         kb_name = f"kb-{run_id}"
         self.kb = get_or_create_kb_actor(cfg.kb.dir, name=kb_name, num_cpus=cfg.kb.num_cpus, threads=cfg.kb.threads)
         self.spec = {"kb": {"actor": kb_name, "embedder": embedder_name(cfg.model.model_dump()),
+                            "payload": kb_payload(cfg.model.model_dump()),
                             "nprobe": cfg.kb.nprobe, "ef_search": cfg.kb.ef_search}, "cache": None}
         nn = cfg.ttt.nn
         if nn.use_cache:
@@ -260,13 +302,14 @@ class _Pool:
 
 
 def _run_info(cfg: RunConfig, run_id: str, resources: dict[str, float], started: str) -> dict[str, Any]:
-    from ttt.methods import METHODS
+    from ttt.methods import method_class
 
     return {
         "run_id": run_id, "experiment": cfg.experiment, "tag": cfg.tag, "status": "running",
-        "model": cfg.model.factory, "method": cfg.ttt.method, "dataset": cfg.data.dataset,
+        "model": cfg.model.path if cfg.model.kind == "causal_lm" else cfg.model.factory,
+        "method": cfg.ttt.method, "dataset": cfg.data.dataset,
         "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(),
-        "predict_from": cfg.ttt.predict_from or METHODS[cfg.ttt.method].default_predict_from,
+        "predict_from": cfg.ttt.predict_from or method_class(cfg.ttt.method, cfg.model.kind).default_predict_from,
         "versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
         "started_at": started, "ended_at": None,
         "counts": {"rows": None, "errors": None, "shards": cfg.workers.num_shards, "restarts": 0},
@@ -345,7 +388,7 @@ def run_job(cfg: RunConfig) -> Path:
                         pending.appendleft((shard, attempt + 1))
                         idle.append(slot)
                         continue
-                    write_shard(run_dir, shard, out["results"], out["analysis"], config_hash)
+                    write_shard(run_dir, shard, out, config_hash)
                     if cfg.ttt.log_out:
                         append_log(run_dir / cfg.ttt.log_out, out["analysis"])  # relative to the run dir
                     rows_written += len(out["results"])
@@ -401,15 +444,19 @@ def _report_progress(pool: _Pool, running: dict, bounds, rows_written: int, n_ro
 def format_summary(run_dir: Path) -> str:
     summary = json.loads((run_dir / "summary.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
+    lm = summary["overall"].get("bits_per_byte") is not None
     lines = [f"run {info['run_id']}  method={info['method']}  predict_from={info['predict_from']}",
-             f"{'domain':<16}{'n':>7}{'error %':>10}"]
+             f"{'domain':<16}{'n':>7}{'error %':>10}" + (f"{'bits/byte':>11}" if lm else "")]
     for domain, d in summary["per_domain"].items():
-        lines.append(f"{domain:<16}{d['n']:>7}{100 * d['error']:>10.2f}")
-    per = [d["error"] for d in summary["per_domain"].values()]
+        err = "-" if d["error"] is None else f"{100 * d['error']:.2f}"
+        lines.append(f"{domain:<16}{d['n']:>7}{err:>10}" + (f"{d.get('bits_per_byte', float('nan')):>11.4f}" if lm else ""))
+    per = [d["error"] for d in summary["per_domain"].values() if d["error"] is not None]
     if per:
         lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}")
     o = summary["overall"]
-    lines.append(f"rows {o['n']}, error rows {o['errors_rows']}, {summary['throughput']['samples_per_s'] or 0:.0f} samples/s")
+    if o.get("bits_per_byte") is not None:
+        lines.append(f"bits per byte {o['bits_per_byte']:.4f} (all scored bytes)")
+    lines.append(f"rows {o['n']}, error rows {o['errors_rows']}, {summary['throughput']['samples_per_s'] or 0:.2f} samples/s")
     if summary.get("cache"):
         c = summary["cache"]
         lines.append(f"adapter cache: hit rate {c['hit_rate']:.2f} ({c['hits']} hits, {c['misses']} misses, "

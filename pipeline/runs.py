@@ -30,13 +30,13 @@ import pyarrow.parquet as pq
 # Run identity and provenance live in pipeline.meta (the job imports them from there); they are
 # re-exported so a notebook finds every run-registry helper in one module.
 from pipeline.meta import git_commit, new_run_id, package_versions
-from pipeline.outputs import ANALYSIS_SCHEMA, RESULTS_SCHEMA, write_json
+from pipeline.outputs import ANALYSIS_SCHEMA, LENS_SCHEMA, RESULTS_SCHEMA, write_json
 
 __all__ = ["RunSet", "query_runs", "new_run_id", "git_commit", "package_versions", "runs_main"]
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
-KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA}
+KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA, "lens": LENS_SCHEMA}
 _MISSING = object()
 
 
@@ -143,6 +143,11 @@ class RunSet:
         """All selected runs' analysis rows, in run order then shard order, in one dataset scan."""
         return self._scan("analysis", columns)
 
+    def lens(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All selected runs' logit-lens rows (causal-LM nn runs with nn.logit_lens_top_k > 0):
+        one row per (sample, stage before/after, layer, rank)."""
+        return self._scan("lens", columns)
+
     def load(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
         """(results, analysis, run.json metadata) of one run."""
         one = RunSet([self._runs[index]])
@@ -162,6 +167,8 @@ class RunSet:
                 row["bits_per_byte"] = overall["bits_per_byte"]
             for domain, stats in (summary.get("per_domain") or {}).items():
                 row[f"error/{domain}"] = (stats or {}).get("error")
+                if (stats or {}).get("bits_per_byte") is not None:
+                    row[f"bits_per_byte/{domain}"] = stats["bits_per_byte"]
             rows.append(row)
         head = ["run_id", "experiment", "tag", "method", "model", "dataset", "status", "started_at", "n", "error"]
         frame = pd.DataFrame(rows, columns=None if rows else head)
@@ -340,7 +347,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     per_domain = summary.get("per_domain") or {}
     if per_domain:
-        table = pd.DataFrame([{"domain": d, "n": s.get("n"), "error %": _percent(s.get("error"))}
+        table = pd.DataFrame([{"domain": d, "n": s.get("n"), "error %": _percent(s.get("error")),
+                               **({"bits/byte": s["bits_per_byte"]} if "bits_per_byte" in s else {})}
                               for d, s in per_domain.items()])
         print("\n" + table.to_string(index=False))
     overall = summary.get("overall")

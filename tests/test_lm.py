@@ -107,8 +107,8 @@ def test_lora_reset_is_bitwise_and_state_swap_reproduces_logits(adapter):
     x = torch.tensor([lm.encode_with_bos(adapter.tokenizer, TEXT[:120])])
     with torch.no_grad():
         before = model(input_ids=x).logits.clone()
-    losses = lm.finetune_on_texts(model, adapter.lm_loss, [TEXT[:300]] * 3, lr=1e-2)
-    assert len(losses) == 3
+    result = lm.finetune_on_texts(model, adapter.lm_loss, [TEXT[:300]] * 3, lr=1e-2)
+    assert len(result.losses) == 3 and result.steps == 3 and result.stop_reason == "steps_done"
     with torch.no_grad():
         trained_logits = model(input_ids=x).logits.clone()
     assert not torch.equal(trained_logits, before)
@@ -134,11 +134,11 @@ def test_only_lora_weights_train(adapter):
 def test_finetuning_on_a_text_lowers_its_nll(adapter):
     text = TEXT[:400]
     before = _score(adapter, [text])[0]["nll"]
-    losses = lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [text] * 4, lr=1e-2, epochs=2)
+    losses = lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [text] * 4, lr=1e-2, epochs=2).losses
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert _score(adapter, [text])[0]["nll"] < before
     batch_losses = lm.finetune_on_texts(adapter.get_model(), adapter.lm_loss, [text, text], lr=1e-2,
-                                        epochs=3, one_step_per_neighbour=False)
+                                        epochs=3, one_step_per_neighbour=False).losses
     assert len(batch_losses) == 3
 
 

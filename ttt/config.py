@@ -59,6 +59,10 @@ class NNConfig(_Strict):
     cache_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine of batch key to an entry for a hit
     cache_capacity: int = Field(256, ge=1)  # adapters held by the shared cache actor
     cache_eviction: Literal["lfu", "lru", "random"] = "lru"
+    # causal LMs only: one optimiser step per neighbour (TTT-NN) or one step on all per epoch (= ttt.steps)
+    one_step_per_neighbour: bool = True
+    logit_lens_top_k: int = Field(0, ge=0)  # causal LMs: top tokens per layer before/after adaptation (0 = off)
+    logit_lens_position: int = -2  # token position read (-2: the prediction of the text's last token)
 
 
 class TTTConfig(_Strict):

@@ -17,11 +17,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ttt.params import grad_norm
 
 IGNORE = -100  # label value that the loss skips (context-only and padding positions)
 FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "ln_final", "final_norm")
@@ -181,48 +184,60 @@ def reset_lora(model: nn.Module, base_state: dict[str, torch.Tensor]) -> None:
 
 
 # -- fine-tuning ------------------------------------------------------------------------------
+@dataclass
+class FinetuneResult:
+    losses: list[float]  # each measured before its step
+    steps: int  # optimiser steps taken
+    stop_reason: str  # steps_done | nonfinite_loss | nonfinite_grad
+    grad_norm: float | None  # of the last step taken, before clipping
+
+
 def finetune_on_texts(model: nn.Module, loss_fn: Callable[[list[str]], torch.Tensor], texts: Sequence[str], *,
-                      lr: float, epochs: int = 1, grad_clip: float | None = 1.0,
+                      lr: float = 1e-3, epochs: int = 1, grad_clip: float | None = 1.0,
                       one_step_per_neighbour: bool = True,
-                      params: Sequence[nn.Parameter] | None = None) -> list[float]:
-    """Fine-tune the trainable parameters on `texts` with a fresh Adam; return the losses.
+                      params: Sequence[nn.Parameter] | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> FinetuneResult:
+    """Fine-tune the trainable parameters on `texts`; a fresh Adam(lr) unless `optimizer` is given.
 
     `one_step_per_neighbour=True` is Hardt & Sun's TTT-NN: one gradient step per text, in the
     order given (pass neighbours nearest first, as the paper does), `epochs` passes. With
-    False, each epoch is one step on all texts together. Each loss is measured before its
-    step. A non-finite loss or gradient stops the loop without updating (the caller restores
-    and reports). The model is in train mode while it trains and back in its old mode after.
+    False, each epoch is one step on all texts together. A non-finite loss or gradient stops
+    the loop before that step's update (the caller decides whether to restore). The model is
+    in train mode while it trains and back in its old mode after.
     """
     if not texts:
-        return []
+        return FinetuneResult([], 0, "steps_done", None)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"finetune_on_texts: {type(model).__name__} has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = optimizer if optimizer is not None else torch.optim.Adam(params, lr=lr)
     batches = [[t] for t in texts] if one_step_per_neighbour else [list(texts)]
     was_training = model.training
     model.train()
-    losses: list[float] = []
+    result = FinetuneResult([], 0, "steps_done", None)
     try:
         for _ in range(epochs):
             for batch in batches:
                 loss = loss_fn(batch)
-                losses.append(float(loss.detach()))
+                result.losses.append(float(loss.detach()))
                 if not torch.isfinite(loss):
-                    return losses
+                    result.stop_reason = "nonfinite_loss"
+                    return result
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                if not all(torch.isfinite(g).all() for g in grads):
-                    optimizer.zero_grad(set_to_none=True)
-                    return losses
+                norm = grad_norm(params)
+                if not math.isfinite(norm):
+                    result.stop_reason = "nonfinite_grad"
+                    return result
+                result.grad_norm = norm
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()
+                result.steps += 1
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
-    return losses
+    return result
 
 
 # -- logit lens -----------------------------------------------------------------------------

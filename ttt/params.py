@@ -104,6 +104,14 @@ def distance(params: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
         return float(squares.sum().sqrt())
 
 
+def grad_norm(params: list[nn.Parameter]) -> float:
+    """L2 norm of all gradients together (before clipping); nan/inf when any gradient is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], alpha: float) -> None:
     """teacher <- alpha * teacher + (1 - alpha) * student, in place (the mean teacher of CoTTA).
 

@@ -76,10 +76,14 @@ class ImageClassifierAdapter:
             yield Batch(good, inputs, errors)
 
     # -- tensors -> rows ---------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model on a batch's inputs (class logits)."""
+        return self.model(inputs)
+
     def predict(self, batch: Batch, logits: torch.Tensor | None = None) -> list[dict[str, Any]]:
         if logits is None:
             with torch.no_grad():
-                logits = self.model(batch.inputs)
+                logits = self.forward(batch.inputs)
         logits = logits.detach().float().cpu()
         prob = logits.softmax(1)
         conf, pred = prob.max(1)

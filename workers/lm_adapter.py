@@ -22,13 +22,21 @@ from workers.adapters import Batch
 
 
 @dataclass
-class LMBatch(Batch):
-    """A Batch whose `inputs` are right-padded token windows; `owner[w]` is the record window w scores."""
+class LMInputs:
+    """What a method gets for a batch of texts: the texts themselves (for retrieval) and their
+    right-padded token windows; window w scores record `owner[w]`. `choices[i]` holds record
+    i's answer options in multiple-choice rows (None otherwise): never part of the query."""
 
-    attention_mask: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    owner: list[int] = field(default_factory=list)
-    n_bytes: list[int] = field(default_factory=list)
+    texts: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    owner: list[int]
+    n_bytes: list[int]
+    choices: list[list[str] | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 class CausalLMAdapter:
@@ -41,7 +49,8 @@ class CausalLMAdapter:
     kind = "causal_lm"
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", max_length: int | None = None,
-                 lora: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+                 lora: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                 embedder_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_dir)
@@ -56,6 +65,8 @@ class CausalLMAdapter:
         pad = self.tokenizer.pad_token_id
         # padding is masked out of every loss, so any id will do; prefer the tokenizer's own
         self.pad_id = int(pad if pad is not None else lm.bos_id(self.tokenizer))
+        self._embedder = None  # the sentence model, loaded on the first `embed` (only nn needs it)
+        self._embedder_threads = embedder_threads
 
     def get_model(self) -> nn.Module:
         return self.model
@@ -70,51 +81,70 @@ class CausalLMAdapter:
     def _tensors(self, windows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(t.to(self.device) for t in lm.pad_windows(windows, self.pad_id))  # type: ignore[return-value]
 
-    def build_loader(self, records: list[dict[str, Any]], *, batch_size: int) -> Iterator[LMBatch]:
+    def build_loader(self, records: list[dict[str, Any]], *, batch_size: int) -> Iterator[Batch]:
         for start in range(0, len(records), batch_size):
-            good, windows, owner, n_bytes, errors = [], [], [], [], []
+            good, texts, windows, owner, n_bytes, choices, errors = [], [], [], [], [], [], []
             for rec in records[start:start + batch_size]:
                 try:
                     text = _text_of(rec)
+                    rec_choices = _choices_of(rec)
                     rec_windows = self.windows(text)
                 except Exception as exc:  # a bad row becomes an error row, never a crash
                     errors.append((rec, f"{type(exc).__name__}: {exc}"))
                     continue
                 owner += [len(good)] * len(rec_windows)
                 windows += rec_windows
+                texts.append(text)
                 n_bytes.append(len(text.encode("utf-8")))
+                choices.append(rec_choices)
                 good.append(rec)
             if not windows:
-                yield LMBatch(good, None, errors)
+                yield Batch(good, None, errors)
                 continue
             input_ids, mask, labels = self._tensors(windows)
-            yield LMBatch(good, input_ids, errors, attention_mask=mask, labels=labels, owner=owner, n_bytes=n_bytes)
+            yield Batch(good, LMInputs(texts, input_ids, mask, labels, owner, n_bytes, choices), errors)
 
     # -- tensors -> rows ---------------------------------------------------------------------
-    def predict(self, batch: LMBatch, logits: Any = None) -> list[dict[str, Any]]:
-        """One row per good record: nll (nats, summed over its tokens), n_tokens, n_bytes, bits_per_byte.
+    def forward(self, inputs: LMInputs) -> torch.Tensor:
+        """Token logits of every window, [windows, width, vocab]."""
+        return self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
 
-        `logits` (a tensor or a model output with `.logits`) may come from a forward the method
-        already ran on `batch.inputs`; otherwise the model runs here without gradients.
+    def predict(self, batch: Batch, logits: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """One row per good record: nll (nats, summed over its tokens), n_tokens, n_bytes,
+        bits_per_byte; multiple-choice rows add prediction (argmax choice), confidence and
+        entropy of the softmax over the choices' log-likelihoods.
+
+        `logits` may come from a forward the method already ran on `batch.inputs`; otherwise
+        the model runs here. Choices are scored with the model as it is now (adapted, when
+        called right after the method's step).
         """
         if not batch.records:
             return []
-        if logits is None:
-            with torch.no_grad():
-                logits = self.model(input_ids=batch.inputs, attention_mask=batch.attention_mask).logits
-        logits = getattr(logits, "logits", logits)
+        inputs: LMInputs = batch.inputs
         with torch.no_grad():
-            nll = lm.token_nll(logits.detach(), batch.labels)
-        counts = (batch.labels[:, 1:] != lm.IGNORE).sum(1)
+            if logits is None:
+                logits = self.forward(inputs)
+            nll = lm.token_nll(logits.detach(), inputs.labels)
+        counts = (inputs.labels[:, 1:] != lm.IGNORE).sum(1)
         per_nll = [0.0] * len(batch.records)
         per_tokens = [0] * len(batch.records)
-        for w, rec_idx in enumerate(batch.owner):
+        for w, rec_idx in enumerate(inputs.owner):
             per_nll[rec_idx] += float(nll[w].double().sum())
             per_tokens[rec_idx] += int(counts[w])
-        return [
-            {"nll": n, "n_tokens": t, "n_bytes": b, "bits_per_byte": lm.bits_per_byte(n, b)}
-            for n, t, b in zip(per_nll, per_tokens, batch.n_bytes)
-        ]
+        rows = [{"nll": n, "n_tokens": t, "n_bytes": b, "bits_per_byte": lm.bits_per_byte(n, b)}
+                for n, t, b in zip(per_nll, per_tokens, inputs.n_bytes)]
+        for row, text, options in zip(rows, inputs.texts, inputs.choices):
+            if options:
+                row.update(_choice_prediction(self.score_choices(text, options)))
+        return rows
+
+    def embed(self, inputs: LMInputs) -> torch.Tensor:
+        """Sentence embeddings of the batch's texts (the KB's embedder), [records, dim]."""
+        if self._embedder is None:
+            from kb_index import SentenceEmbedder
+
+            self._embedder = SentenceEmbedder(device=str(self.device), threads=self._embedder_threads)
+        return torch.from_numpy(self._embedder.embed(inputs.texts))
 
     # -- hooks -------------------------------------------------------------------------------
     def lm_loss(self, texts: list[str]) -> torch.Tensor:
@@ -152,6 +182,22 @@ class CausalLMAdapter:
         input_ids, mask, labels = self._tensors(windows)
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits
         return [-float(row.double().sum()) for row in lm.token_nll(logits, labels)]
+
+
+def _choice_prediction(logliks: list[float]) -> dict[str, Any]:
+    probs = torch.tensor(logliks, dtype=torch.float64).softmax(0)
+    return {"prediction": int(probs.argmax()), "confidence": float(probs.max()),
+            "entropy": float(-(probs * probs.clamp_min(1e-300).log()).sum())}
+
+
+def _choices_of(record: dict[str, Any]) -> list[str] | None:
+    choices = record.get("choices")
+    if choices is None or (isinstance(choices, float) and math.isnan(choices)):
+        return None
+    choices = list(choices)
+    if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("row 'choices' must be a list of at least two non-empty strings")
+    return choices
 
 
 def _text_of(record: dict[str, Any]) -> str:

@@ -51,11 +51,16 @@ def result_row(row: dict[str, Any], *, run_id: str, shard: int, method: str, pos
 
 def run_stream(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run_id: str, shard: int,
                worker: str, first_position: int = 0, on_batch: Callable[[int], None] | None = None
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run `method` over `rows` (one shard, in order) starting from the source state."""
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Run `method` over `rows` (one shard, in order) starting from the source state.
+
+    Returns {"results": one row per input row, "analysis": one row per adapted batch, "lens":
+    logit-lens rows when the method records them (else empty)}.
+    """
     cfg = method.cfg
     results: list[dict[str, Any]] = []
     analysis: list[dict[str, Any]] = []
+    lens: list[dict[str, Any]] = []
     method.reset()
     position = first_position
     prev_domain = None
@@ -86,6 +91,10 @@ def run_stream(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run
                 results += [result_row(r, position=positions[id(r)], error=msg, **common) for r in batch.records]
             else:
                 source = step.record.pop("adapter_source", "none")
+                for row in step.record.pop("logit_lens", None) or []:
+                    sample_id = str(batch.records[row.pop("sample_index")]["sample_id"])
+                    lens.append({"run_id": run_id, "shard": shard, "batch_index": batch_index,
+                                 "sample_id": sample_id, **row})
                 results += [result_row(r, position=positions[id(r)], prediction=p, adapter_source=source, **common)
                             for r, p in zip(batch.records, preds)]
                 rec = new_record(**step.record)
@@ -98,4 +107,4 @@ def run_stream(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run
         if on_batch is not None:
             on_batch(len(chunk))
     results.sort(key=lambda r: r["position"])
-    return results, analysis
+    return {"results": results, "analysis": analysis, "lens": lens}

@@ -15,37 +15,56 @@ import ray
 import torch
 
 from ttt import TTTConfig, build_method
-from ttt.methods.nn import KB_PAYLOAD, CacheHit
+from ttt.methods import method_class
+from ttt.methods.nn import CacheHit
 from workers.adapter_cache import fetch_adapter, offer_adapter
 from workers.adapters import ImageClassifierAdapter
 from workers.models import load_model
 from workers.stream import run_stream
 
 
-def build_adapter(model_spec: dict[str, Any], device: str):
+def build_adapter(model_spec: dict[str, Any], device: str, *, threads: int | None = None):
+    """The model adapter a `model` config section describes (paths already resolved by the driver)."""
     if model_spec["kind"] == "image_classifier":
         model = load_model(model_spec["factory"], model_spec["checkpoint"], model_spec["factory_kwargs"], device)
         return ImageClassifierAdapter(model, device=device, image_shape=tuple(model_spec["image_shape"]),
                                       mean=model_spec["mean"], std=model_spec["std"])
-    raise ValueError(f"model.kind={model_spec['kind']!r} has no adapter yet")
+    if model_spec["kind"] == "causal_lm":
+        from workers.lm_adapter import CausalLMAdapter
+
+        if model_spec.get("path") is None:
+            raise ValueError("model.kind=causal_lm needs model.path (a Hugging Face model directory)")
+        return CausalLMAdapter(model_spec["path"], device=device, max_length=model_spec.get("max_length"),
+                               lora=model_spec.get("lora"), embedder_threads=threads)
+    raise ValueError(f"model.kind={model_spec['kind']!r} has no adapter")
 
 
 def embedder_name(model_spec: dict[str, Any]) -> str:
-    """The name the KB of this model's `embed` features carries (as `build-kb --embedder cnn:` writes
-    it for the default): the factory function's name plus a hash of the checkpoint."""
+    """The name of the embedder whose KB this model's queries search (as build-kb records it):
+    for a classifier, its `embed` features (factory function name + checkpoint hash); for a
+    causal LM, the sentence model that embeds text on both sides."""
     from kb_index import torch_checkpoint_name
+    from kb_index.embedders import SENTENCE_MODEL_NAME
 
+    if model_spec["kind"] == "causal_lm":
+        return SENTENCE_MODEL_NAME
     return torch_checkpoint_name(model_spec["factory"].rpartition(":")[2], model_spec["checkpoint"])
+
+
+def kb_payload(model_spec: dict[str, Any]) -> list[str]:
+    """The KB columns method nn fine-tunes on for this model kind."""
+    return list(method_class("nn", model_spec["kind"]).kb_payload)
 
 
 class KBClient:
     """services["kb"] for `nn`: the shared KB actor (a Ray handle) or an in-process
     KBRetrievalActor behind ttt's KnowledgeBaseService."""
 
-    def __init__(self, target: Any, *, embedder: str, nprobe: int | None = None, ef_search: int | None = None):
+    def __init__(self, target: Any, *, embedder: str, payload: list[str], nprobe: int | None = None,
+                 ef_search: int | None = None):
         self.target = target
         self._remote = isinstance(target, ray.actor.ActorHandle)
-        self.options = {"embedder": embedder, "payload": list(KB_PAYLOAD), "nprobe": nprobe, "ef_search": ef_search}
+        self.options = {"embedder": embedder, "payload": payload, "nprobe": nprobe, "ef_search": ef_search}
 
     def search(self, embeddings, k: int):
         if self._remote:
@@ -77,7 +96,8 @@ def build_services(spec: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     kb = spec["kb"]
     services: dict[str, Any] = {"kb": KBClient(ray.get_actor(kb["actor"]), embedder=kb["embedder"],
-                                               nprobe=kb["nprobe"], ef_search=kb["ef_search"])}
+                                               payload=kb["payload"], nprobe=kb["nprobe"],
+                                               ef_search=kb["ef_search"])}
     if spec.get("cache"):
         services["cache"] = CacheClient(ray.get_actor(spec["cache"]))
     return services
@@ -90,7 +110,7 @@ class TTTWorker:
         self.device = "cuda" if spec["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
         self.name = name
         self.run_id = spec["run_id"]
-        self.adapter = build_adapter(spec["model"], self.device)
+        self.adapter = build_adapter(spec["model"], self.device, threads=spec["torch_threads"])
         self.method = build_method(self.adapter, TTTConfig.model_validate(spec["ttt"]),
                                    build_services(spec.get("services")))
         self._lock = threading.Lock()
@@ -108,15 +128,14 @@ class TTTWorker:
         with self._lock:
             self._progress["rows_done"] += n
 
-    def run_shard(self, shard: int, dataset: "ray.data.Dataset", first_position: int) -> dict[str, Any]:
+    def run_shard(self, shard: int, dataset: "ray.data.Dataset", first_position: int) -> dict[str, list[dict[str, Any]]]:
         with self._lock:
             self._progress = {"shard": shard, "rows_done": 0}
         # whole blocks, not iter_rows: per-row iteration through Ray Data costs more than a Tent step
         rows = (row for block in dataset.iter_batches(batch_size=None, batch_format="pandas")
                 for row in block.to_dict("records"))
-        results, analysis = run_stream(self.adapter, self.method, rows, run_id=self.run_id, shard=shard,
-                                       worker=self.name, first_position=first_position, on_batch=self._advance)
-        return {"results": results, "analysis": analysis}
+        return run_stream(self.adapter, self.method, rows, run_id=self.run_id, shard=shard,
+                          worker=self.name, first_position=first_position, on_batch=self._advance)
 
 
 TTTWorkerActor = ray.remote(TTTWorker)

@@ -335,3 +335,47 @@ def ensure_text_default(cache_dir: str | Path = ".cache/text", seed: int = 0) ->
     """Corpus and tiny GPT-2, each built once: {train, kb, queries, model} paths."""
     paths = build_text_corpus(cache_dir, seed=seed)
     return {**paths, "model": train_tiny_lm(cache_dir, seed=seed)}
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+MIN_ANSWER_CHARS = 12  # a shorter last line ("}", "return x") is too easy to tell apart or to guess
+
+
+def choice_rows(queries: list[dict[str, Any]], n_choices: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """Next-line multiple choice from held-out chunks: the context is a chunk without its last
+    line, the choices are that line and the last lines of `n_choices - 1` other chunks (a seeded
+    pick, distinct texts), shuffled; `label` is the true line's index. Chunks whose last line
+    is shorter than MIN_ANSWER_CHARS are left out. The context never contains the answer line."""
+    split = []
+    for q in queries:
+        body, _, last = q["text"].rstrip().rpartition("\n")
+        if body.strip() and len(last.strip()) >= MIN_ANSWER_CHARS:
+            split.append((q, body + "\n", last))
+    rng = np.random.default_rng(seed)
+    lines = [last for _, _, last in split]
+    rows = []
+    for i, (q, context, answer) in enumerate(split):
+        others = [j for j in rng.permutation(len(split)) if lines[j] != answer]
+        distractors = list(dict.fromkeys(lines[j] for j in others))[:n_choices - 1]
+        choices = [answer] + distractors
+        order = rng.permutation(len(choices)).tolist()
+        rows.append({"sample_id": f"{q['sample_id']}-mc", "text": context, "choices": [choices[k] for k in order],
+                     "label": order.index(0), "source": q["source"], "domain": q["domain"], "position": len(rows)})
+    return rows
+
+
+def ensure_text_manifest(cache_dir: str | Path, dataset: str = "text", seed: int = 0) -> Path:
+    """The manifest of an embedded text dataset: `text` = the held-out query chunks (bits per
+    byte), `text_choices` = those chunks as next-line multiple-choice questions."""
+    paths = build_text_corpus(cache_dir, seed=seed)
+    if dataset == "text":
+        return paths["queries"]
+    if dataset != "text_choices":
+        raise TextBuildError(f"unknown text dataset {dataset!r}: expected 'text' or 'text_choices'")
+    out = paths["queries"].with_name("queries_choices.parquet")
+    if not out.exists():
+        queries = pq.read_table(paths["queries"]).to_pylist()
+        rows = choice_rows(queries, seed=seed)
+        _write(pa.Table.from_pylist(rows), out)
+        print(f"[build-text] {len(rows)} multiple-choice questions from {len(queries)} queries -> {out}", flush=True)
+    return out

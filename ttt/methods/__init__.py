@@ -8,18 +8,27 @@ from ttt.methods.base import GradientMethod, Method, MissingHookError, StepResul
 from ttt.methods.cotta import CoTTA
 from ttt.methods.mim import MIM
 from ttt.methods.nn import NN
+from ttt.methods.nn_lm import NNLM
 from ttt.methods.source import Norm, Source
 from ttt.methods.tent import Tent
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA, NN)}
+# a method whose implementation depends on the model kind: (name, kind) -> class
+BY_KIND: dict[tuple[str, str], type[Method]] = {("nn", "causal_lm"): NNLM}
+
+
+def method_class(method: str, kind: str = "image_classifier") -> type[Method]:
+    """The class that runs `method` on an adapter of `kind`."""
+    if (method, kind) in BY_KIND:
+        return BY_KIND[(method, kind)]
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"ttt.method={method!r} is not implemented; known: {sorted(METHODS)}") from None
 
 
 def build_method(adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None) -> Method:
-    try:
-        cls = METHODS[cfg.method]
-    except KeyError:
-        raise ValueError(f"ttt.method={cfg.method!r} is not implemented; known: {sorted(METHODS)}") from None
-    return cls(adapter, cfg, services)
+    return method_class(cfg.method, getattr(adapter, "kind", "image_classifier"))(adapter, cfg, services)
 
 
-__all__ = ["METHODS", "build_method", "Method", "GradientMethod", "StepResult", "MissingHookError"]
+__all__ = ["METHODS", "build_method", "method_class", "Method", "GradientMethod", "StepResult", "MissingHookError"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ttt.config import TTTConfig
 from ttt.losses import class_distribution, diversity_loss
-from ttt.params import StepCheckpoint, distance, param_names, restore, select_params, snapshot
+from ttt.params import StepCheckpoint, distance, grad_norm, param_names, restore, select_params, snapshot
 
 
 class MissingHookError(ValueError):
@@ -49,8 +49,13 @@ class Method:
     name: ClassVar[str] = "source"
     required_hooks: ClassVar[tuple[str, ...]] = ()
     default_predict_from: ClassVar[str] = "same_forward"
+    model_kinds: ClassVar[tuple[str, ...]] = ("image_classifier",)  # adapter kinds the method is defined for
 
     def __init__(self, adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None):
+        kind = getattr(adapter, "kind", "image_classifier")
+        if kind not in self.model_kinds:
+            raise ValueError(f"method {self.name!r} does not apply to model.kind={kind!r} "
+                             f"(it applies to {', '.join(self.model_kinds)})")
         has_hook = getattr(adapter, "has_hook", lambda h: callable(getattr(adapter, h, None)))
         missing = [h for h in self.required_hooks if not has_hook(h)]
         if missing:
@@ -63,8 +68,12 @@ class Method:
         self.services = services or {}
         self.predict_from = cfg.predict_from or self.default_predict_from
         self.configure()
-        self.source_state = snapshot(self.model)
+        self.source_state = self.snapshot_source()
         self.reseed()
+
+    def snapshot_source(self) -> dict[str, torch.Tensor]:
+        """What `reset` restores: every parameter and buffer (LoRA methods keep only the adapter)."""
+        return snapshot(self.model)
 
     def configure(self) -> None:
         self.model.eval()
@@ -86,26 +95,18 @@ class Method:
     def step(self, inputs: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(inputs)
-        return StepResult(logits, {
-            "steps": 0, "stop_reason": "no_adaptation", "updated_param_count": 0,
-            "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0,
-            **class_distribution(logits),
-        })
+            logits = self.adapter.forward(inputs)
+        record = {"steps": 0, "stop_reason": "no_adaptation", "updated_param_count": 0,
+                  "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0}
+        if logits.dim() == 2:  # class scores; a language model's token logits have no class distribution
+            record.update(class_distribution(logits))
+        return StepResult(logits, record)
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def grad_norm(params: list[nn.Parameter]) -> float:
-    """L2 norm of all gradients together (before clipping); nan/inf when any gradient is."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class GradientMethod(Method):

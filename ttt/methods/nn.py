@@ -1,5 +1,8 @@
 """`nn`: retrieval-based test-time training for classifiers (Hardt & Sun 2024; CT3).
 
+The per-batch flow (`NN.step`) is shared with the causal-LM variant in `nn_lm.py`, which
+overrides the hooks under it (describe, fine_tune, adapter_state, load_adapter, predict).
+
 Per batch: embed the queries, look the batch up in the adapter cache, else retrieve k
 labelled neighbours per query from the KB, fine-tune the source model with cross-entropy on
 them, predict the batch with the fine-tuned model, and offer the updated parameters to the cache.
@@ -33,10 +36,6 @@ import torch.nn.functional as F
 
 from ttt.losses import class_distribution
 from ttt.methods.base import GradientMethod, StepResult
-
-# What a KB row must carry for a classifier's fine-tuning batch (decoded by the adapter).
-KB_PAYLOAD = ("pixels", "label")
-
 
 @runtime_checkable
 class KnowledgeBaseService(Protocol):
@@ -76,6 +75,7 @@ class NN(GradientMethod):
     name = "nn"
     required_hooks = ("embed",)
     default_predict_from = "after_update"
+    kb_payload: tuple[str, ...] = ("pixels", "label")  # what a KB row must carry to be fine-tuned on
 
     def configure(self) -> None:
         if self.predict_from != "after_update":
@@ -86,8 +86,6 @@ class NN(GradientMethod):
             raise ValueError("method 'nn' needs services['kb'] with search(embeddings, k) (the KB retrieval client)")
         if self.cfg.nn.use_cache and not isinstance(self.services.get("cache"), AdapterCacheService):
             raise ValueError("method 'nn' with nn.use_cache needs services['cache'] with lookup() and offer()")
-        if self.cfg.nn.k < 1:
-            raise ValueError("method 'nn' needs nn.k >= 1 neighbours")
         super().configure()
         self.kb: KnowledgeBaseService = kb
         self.cache: AdapterCacheService | None = self.services.get("cache") if self.cfg.nn.use_cache else None
@@ -137,18 +135,13 @@ class NN(GradientMethod):
                 weights = None  # all neighbours at or below cosine 0: weight them equally
         return batch.inputs, labels, weights
 
-    def updated_state(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters the fine-tuning changed (those off the loss path, e.g. a
-        decoder, keep their source values and need not travel)."""
-        return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)
-                if not torch.equal(p.detach(), self.source_state[n])}
-
-    def step(self, inputs: torch.Tensor) -> StepResult:
+    # -- the per-batch flow; the hooks below it are what differs between model kinds --------
+    def step(self, inputs: Any) -> StepResult:
         self.reset()  # adapters are fine-tuned from, and cached relative to, the source
         t = time.perf_counter()
         embeddings = self.embed(inputs)
         key = cache_key(embeddings)
-        query = query_descriptor(inputs)
+        query = self.describe(inputs)
         rec: dict[str, Any] = {"query": query, "used_cache": False, "cache_query": None, "losses": [],
                                "steps": 0, "updated_param_count": 0, "timing_embedding": time.perf_counter() - t,
                                "timing_cache_lookup": 0.0, "timing_kb_retrieval": 0.0, "timing_fine_tuning": 0.0}
@@ -158,37 +151,52 @@ class NN(GradientMethod):
             hit = self.cache.lookup(key)
             rec["timing_cache_lookup"] = time.perf_counter() - t
             if hit is not None:
-                self._load(hit.state)
+                self.load_adapter(hit.state)
                 rec.update(used_cache=True, cache_query=hit.query, stop_reason="cache_hit",
                            adapter_source="cache", updated_param_count=sum(v.numel() for v in hit.state.values()))
-                return self._predict(inputs, rec)
+                return self.predict(inputs, rec)
 
         t = time.perf_counter()
         indices, scores, rows = self.neighbours(embeddings)
-        train = self.training_batch(rows, scores) if rows else None
         rec.update(retrieved_indices=indices, retrieved_scores=scores, timing_kb_retrieval=time.perf_counter() - t)
-        if train is None:
-            rec.update(stop_reason="no_neighbours", adapter_source="none")
-            return self._predict(inputs, rec)
-
         t = time.perf_counter()
+        out = self.fine_tune(rows, scores) if rows else None
+        if out is None:
+            rec.update(stop_reason="no_neighbours", adapter_source="none")
+            return self.predict(inputs, rec)
+        rec.update(losses=out["losses"], steps=out["steps"], stop_reason=out["stop_reason"],
+                   grad_norm=out["grad_norm"], updated_param_count=self.updated_param_count,
+                   adapter_source="fresh" if out["steps"] > 0 else "none",
+                   timing_fine_tuning=time.perf_counter() - t)
+        if self.cache is not None and out["steps"] > 0:
+            t = time.perf_counter()
+            self.cache.offer(key, query, self.adapter_state())
+            rec["timing_cache_lookup"] += time.perf_counter() - t
+        return self.predict(inputs, rec)
+
+    def describe(self, inputs: torch.Tensor) -> str:
+        return query_descriptor(inputs)
+
+    def fine_tune(self, rows: list[dict], scores: list[float]) -> dict[str, Any] | None:
+        """Fine-tune the source on the neighbour rows; None when none of them decodes."""
+        train = self.training_batch(rows, scores)
+        if train is None:
+            return None
         x, labels, weights = train
         self._targets = (labels, weights)
         try:
             with torch.enable_grad():
-                out = self._adapt(x)
+                return self._adapt(x)
         finally:
             self._targets = None
-        rec.update(losses=out["losses"], steps=out["steps"], stop_reason=out["stop_reason"],
-                   grad_norm=out["grad_norm"], updated_param_count=self.updated_param_count,
-                   adapter_source="fresh", timing_fine_tuning=time.perf_counter() - t)
-        if self.cache is not None and out["steps"] > 0:
-            t = time.perf_counter()
-            self.cache.offer(key, query, self.updated_state())
-            rec["timing_cache_lookup"] += time.perf_counter() - t
-        return self._predict(inputs, rec)
 
-    def _load(self, state: dict[str, torch.Tensor]) -> None:
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters the fine-tuning changed (those off the loss path, e.g. a
+        decoder, keep their source values and need not travel)."""
+        return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)
+                if not torch.equal(p.detach(), self.source_state[n])}
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
         own = dict(self.model.named_parameters())
         unknown = set(state) - set(own)
         if unknown:
@@ -197,7 +205,7 @@ class NN(GradientMethod):
             for name, value in state.items():
                 own[name].copy_(value)
 
-    def _predict(self, inputs: torch.Tensor, rec: dict[str, Any]) -> StepResult:
+    def predict(self, inputs: torch.Tensor, rec: dict[str, Any]) -> StepResult:
         t = time.perf_counter()
         logits = self.predict_after_update(inputs)
         rec["timing_forward_pass"] = time.perf_counter() - t

@@ -7,6 +7,7 @@ from ttt.params import use_batch_norm_stats
 
 class Source(Method):
     name = "source"
+    model_kinds = ("image_classifier", "causal_lm")
 
 
 class Norm(Method):
