@@ -9,6 +9,9 @@ DOMAINS = ["shot_noise", "motion_blur", "fog"]
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# nothing is downloaded in tests: models load from package folders or from what a fixture saved
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +46,26 @@ def small_default(tmp_path_factory):
     ckpt = cache / "cnn.pt"
     torch.save(state, ckpt)
     return {"cache": cache, "manifest": manifest, "checkpoint": ckpt}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 with a 400-token byte-level BPE trained on pydoc
+    text, saved with save_pretrained (about a second to build; not the cached default LM)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.data.text import chunk_document, pydoc_documents, train_tokenizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    texts = [c for _, doc in pydoc_documents()[:40] for c in chunk_document(doc)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    out = tmp_path_factory.mktemp("tiny_lm")
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

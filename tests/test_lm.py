@@ -1,48 +1,26 @@
 """LM side of retrieval TTT: scoring convention, LoRA state handling, fine-tuning, logit lens.
 
-The model is a tiny GPT-2 built here with a tokenizer trained in about a second on pydoc
-text, so the tests never wait for (or depend on) the cached default model.
+The model is conftest's tiny GPT-2 (a tokenizer trained in about a second on pydoc text), so
+the tests never wait for (or depend on) the cached default model.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from pipeline.data.text import chunk_document, pydoc_documents, train_tokenizer  # noqa: E402
-from ttt import lm  # noqa: E402
-from workers.lm_adapter import CausalLMAdapter  # noqa: E402
+from pipeline.data.text import pydoc_documents
+from ttt import lm
+from workers.lm_adapter import CausalLMAdapter
 
 TEXT = pydoc_documents()[0][1][:700]  # the "assert" topic: real text with a few hundred tokens
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    texts = [c for _, doc in pydoc_documents()[:40] for c in chunk_document(doc)]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    bos = tokenizer.bos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    out = tmp_path_factory.mktemp("tiny_lm")
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture()
-def adapter(model_dir):
+def adapter(tiny_lm_dir):
     torch.manual_seed(0)
-    return CausalLMAdapter(model_dir, lora={"rank": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj"]})
+    return CausalLMAdapter(tiny_lm_dir, lora={"rank": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj"]})
 
 
 def _score(adapter, texts):
@@ -175,9 +153,9 @@ def test_score_choices_prefers_the_trained_continuation(adapter):
     assert len(scores) == 2 and scores[0] > scores[1]
 
 
-def test_attach_lora_refuses_unknown_targets(model_dir):
+def test_attach_lora_refuses_unknown_targets(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, local_files_only=True)
     with pytest.raises(ValueError, match="none of target_modules"):
         lm.attach_lora(model, target_modules=["q_proj"])

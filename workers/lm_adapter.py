@@ -44,13 +44,15 @@ class CausalLMAdapter:
 
     `lora` (keyword arguments of `ttt.lm.attach_lora`) wraps the model in a PEFT LoRA adapter
     at load time, so `get_model()` returns the PEFT model and only LoRA weights train.
+    `embedder` (a kb_index Embedder) embeds query texts for retrieval; None loads the sentence
+    model of the default text KB on the first `embed` call.
     """
 
     kind = "causal_lm"
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", max_length: int | None = None,
                  lora: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                 embedder_threads: int | None = None):
+                 embedder: Any = None, embedder_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_dir)
@@ -65,7 +67,8 @@ class CausalLMAdapter:
         pad = self.tokenizer.pad_token_id
         # padding is masked out of every loss, so any id will do; prefer the tokenizer's own
         self.pad_id = int(pad if pad is not None else lm.bos_id(self.tokenizer))
-        self._embedder = None  # the sentence model, loaded on the first `embed` (only nn needs it)
+        # the query embedder of `embed` (only nn needs it): the sentence model, loaded on first use
+        self._embedder = embedder
         self._embedder_threads = embedder_threads
 
     def get_model(self) -> nn.Module:

@@ -105,7 +105,10 @@ class NN(GradientMethod):
 
     def neighbours(self, embeddings: np.ndarray) -> tuple[list[int], list[float], list[dict]]:
         """The batch's retrieved neighbours above min_score: (indices, scores, rows), deduplicated
-        across queries (first = best score kept), in retrieval order."""
+        across queries (first = best score kept), in retrieval order. k = 0 asks the KB nothing
+        (the no-neighbour baseline of the k sweeps)."""
+        if self.cfg.nn.k == 0:
+            return [], [], []
         scores, indices, rows = self.kb.search(embeddings.astype(np.float32), self.cfg.nn.k)
         best: dict[int, tuple[float, dict]] = {}
         for q in range(len(indices)):
