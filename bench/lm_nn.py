@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=200, help="held-out queries (of 200)")
     parser.add_argument("--ks", default="0,5,20,50", help="neighbour counts to compare")
-    parser.add_argument("--repeat", type=int, default=50, help="queries in the asked-twice cache stream")
+    parser.add_argument("--repeat", type=int, default=50, help="queries in the asked-twice cache stream (0: skip)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -85,6 +85,9 @@ def main() -> None:
     print(f"\n{args.limit} held-out queries, {args.shards} shards\n")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
 
+    if args.repeat == 0:
+        print(f"\nruns under {out}")
+        return
     from pipeline.config import load_config
     from pipeline.data.text import ensure_text_manifest
 

@@ -14,7 +14,7 @@ USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
 commands:
   run CONFIG [--set key=value ...]   run an evaluation (resumes into an existing --set run_id=...)
-  build-data [CONFIG] [--set ...]    build the embedded default data and source model
+  build-data [CONFIG] [--set ...]    build the embedded default data, model (and KB for nn)
   build-kb ARGS                      build a faiss knowledge base (see build-kb --help)
   runs list|show|compare ...         find and compare runs (see runs --help)
   report RUN_DIR [RUN_DIR ...]       write CSV + PNG reports into RUN_DIR/report/
@@ -46,7 +46,8 @@ def cmd_build_data(argv: list[str]) -> int:
     from pipeline.run import prepare
 
     cfg = prepare(cfg)
-    print(f"manifest:   {cfg.data.manifest}\ncheckpoint: {cfg.model.checkpoint}")
+    model = cfg.model.path if cfg.model.kind == "causal_lm" else cfg.model.checkpoint
+    print(f"manifest:   {cfg.data.manifest}\nmodel:      {model}" + (f"\nkb:         {cfg.kb.dir}" if cfg.kb.dir else ""))
     return 0
 
 

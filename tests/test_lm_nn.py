@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +30,7 @@ from workers.ttt_worker import KBClient
 
 from test_nn import DictCache
 
+ROOT = Path(__file__).resolve().parents[1]
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["c_attn"]}
 
 
@@ -222,3 +226,6 @@ def test_lm_nn_end_to_end_on_local_ray(ray_session, tiny_lm_dir, text_kb, tmp_pa
     assert (lens.groupby(["sample_id", "stage", "layer"]).size() == 3).all()
     top = lens[(lens["rank"] == 0) & (lens["layer"] == 2)].pivot(index="sample_id", columns="stage", values="prob")
     assert (top["before"] != top["after"]).any()  # adaptation moved the last layer's prediction
+    shown = subprocess.run([sys.executable, str(ROOT / "examples" / "logit_lens.py"), str(run_dir), "--sample", "q1"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "sample q1" in shown and "target_prob after" in shown
