@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-lm test bench clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/mnistc_tent.yaml
+
+# retrieval TTT on the embedded tiny LM; the first run trains it (~5 min) and embeds its KB (~2 min)
+demo-lm: venv
+	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/lm_nn.yaml
 
 test: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
