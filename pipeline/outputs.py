@@ -21,7 +21,8 @@ RESULTS_SCHEMA = pa.schema([
     ("correct", pa.bool_()), ("confidence", pa.float64()), ("entropy", pa.float64()),
     ("adapter_source", pa.string()), ("error", pa.string()),
 ])
-LM_RESULT_FIELDS = [("nll", pa.float64()), ("n_bytes", pa.int64()), ("bits_per_byte", pa.float64())]
+LM_RESULT_FIELDS = [("nll", pa.float64()), ("n_bytes", pa.int64()), ("bits_per_byte", pa.float64()),
+                    ("choice_logliks", pa.list_(pa.float64()))]  # multiple-choice rows only
 
 ANALYSIS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("batch_index", pa.int64()),

@@ -171,6 +171,9 @@ def test_nn_on_a_causal_lm_needs_adapter_only_updates(tiny_lm_dir, text_kb, embe
     services = {"kb": RecordingKB(text_kb["dir"])}
     with pytest.raises(ValueError, match="update_filter=adapter_only"):
         build_method(adapter, TTTConfig(method="nn", update_filter="norm_only"), services)
+    with pytest.raises(ValueError, match="grad_clip only, not guards.max_update_norm"):
+        build_method(adapter, TTTConfig(method="nn", update_filter="adapter_only",
+                                        guards={"grad_clip": 1.0, "max_update_norm": 0.1}), services)
     with pytest.raises(ValueError, match="does not apply to model.kind='causal_lm'"):
         build_method(adapter, TTTConfig(method="tent"))
     bare = CausalLMAdapter(tiny_lm_dir, embedder=embedder)  # no model.lora
@@ -208,6 +211,7 @@ def test_lm_nn_end_to_end_on_local_ray(ray_session, tiny_lm_dir, text_kb, tmp_pa
     assert list(ok["n_bytes"]) == [len(r["text"].encode()) for r in rows[:6]]
     mc = results.set_index("sample_id").loc["mc"]
     assert mc["prediction"] in (0, 1) and mc["label"] == 0 and mc["correct"] == (mc["prediction"] == 0)
+    assert len(mc["choice_logliks"]) == 2 and mc["prediction"] == int(np.argmax(mc["choice_logliks"]))
     # one worker takes both shards in order, so the repeated query finds its adapter in the cache
     assert results.set_index("sample_id").loc["q-repeat", "adapter_source"] == "cache"
     assert ok.set_index("sample_id").loc["q0", "nll"] == ok.set_index("sample_id").loc["q-repeat", "nll"]

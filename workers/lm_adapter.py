@@ -115,7 +115,8 @@ class CausalLMAdapter:
     def predict(self, batch: Batch, logits: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """One row per good record: nll (nats, summed over its tokens), n_tokens, n_bytes,
         bits_per_byte; multiple-choice rows add prediction (argmax choice), confidence and
-        entropy of the softmax over the choices' log-likelihoods.
+        entropy of the softmax over the choices' log-likelihoods, and those log-likelihoods
+        (`choice_logliks`, nats, summed over each choice's tokens).
 
         `logits` may come from a forward the method already ran on `batch.inputs`; otherwise
         the model runs here. Choices are scored with the model as it is now (adapted, when
@@ -190,7 +191,7 @@ class CausalLMAdapter:
 def _choice_prediction(logliks: list[float]) -> dict[str, Any]:
     probs = torch.tensor(logliks, dtype=torch.float64).softmax(0)
     return {"prediction": int(probs.argmax()), "confidence": float(probs.max()),
-            "entropy": float(-(probs * probs.clamp_min(1e-300).log()).sum())}
+            "entropy": float(-(probs * probs.clamp_min(1e-300).log()).sum()), "choice_logliks": list(logliks)}
 
 
 def _choices_of(record: dict[str, Any]) -> list[str] | None:

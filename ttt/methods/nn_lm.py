@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ttt import lm
+from ttt.config import GuardConfig
 from ttt.methods.base import StepResult
 from ttt.methods.nn import NN
 
@@ -45,6 +46,11 @@ class NNLM(NN):
         if self.cfg.nn.score_weighted:
             raise ValueError("nn.score_weighted applies to classifiers; on a causal LM neighbours are "
                              "weighted by their order (nearest first)")
+        unsupported = [name for name, value in self.cfg.guards if name != "grad_clip"
+                       and value != GuardConfig.model_fields[name].default]
+        if unsupported:
+            raise ValueError(f"method 'nn' on a causal LM applies guards.grad_clip only, not guards.{unsupported[0]} "
+                             "(a non-finite loss or gradient always restores the base LoRA)")
         super().configure()  # adapter_only: fails if the model carries no LoRA (model.lora unset)
 
     def snapshot_source(self) -> dict[str, torch.Tensor]:
