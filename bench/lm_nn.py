@@ -3,6 +3,7 @@ k neighbours, and the adapter cache on a stream that asks each query twice. Ever
 through the real pipeline (configs/lm_nn.yaml) in one Ray instance, one after another.
 
     .venv/bin/python bench/lm_nn.py [--limit 200] [--ks 0,5,20,50] [--repeat 50] [--shards 2]
+    .venv/bin/python bench/lm_nn.py --choices      # next-line multiple choice instead
 
 Prints two markdown tables:
 1. per variant: bits per byte (pooled over bytes), mean per-query bits per byte, the share of
@@ -52,11 +53,31 @@ def repeated_manifest(queries: Path, n: int, out: Path) -> Path:
     return path
 
 
+def choice_table(common: list[str], limit: int | None) -> pd.DataFrame:
+    """Next-line multiple choice (data.dataset=text_choices): no TTT vs nn, accuracy by summed
+    and by per-byte log-likelihood of the choices, and the contexts' bits per byte."""
+    rows = []
+    for name, extra in (("no TTT (source)", ["ttt.method=source"]), ("nn", [])):
+        run_dir = run(common + ["data.dataset=text_choices", *extra] + ([f"data.limit={limit}"] if limit else []))
+        results, _, summary = read(run_dir)
+        manifest = pq.read_table(json.loads((run_dir / "run.json").read_text())["config"]["data"]["manifest"],
+                                 columns=["sample_id", "choices"]).to_pandas().set_index("sample_id")
+        per_byte = [
+            int(max(range(len(ll)), key=lambda i: ll[i] / len(manifest.loc[sid, "choices"][i].encode()))) == label
+            for sid, ll, label in zip(results["sample_id"], results["choice_logliks"], results["label"])]
+        rows.append({"variant": name, "questions": len(results), "accuracy": results["correct"].astype(bool).mean(),
+                     "accuracy, per-byte log-lik": sum(per_byte) / len(per_byte),
+                     "context bits/byte": summary["overall"]["bits_per_byte"], "wall s": summary["throughput"]["wall_s"]})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=200, help="held-out queries (of 200)")
     parser.add_argument("--ks", default="0,5,20,50", help="neighbour counts to compare")
     parser.add_argument("--repeat", type=int, default=50, help="queries in the asked-twice cache stream (0: skip)")
+    parser.add_argument("--choices", action="store_true",
+                        help="only the multiple-choice comparison (text_choices; --limit questions if < 163)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -67,6 +88,10 @@ def main() -> None:
     common = [f"output_root={out}", f"workers.num_shards={args.shards}", "ttt.nn.logit_lens_top_k=0",
               *args.overrides]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    if args.choices:
+        print("\nnext-line multiple choice, 4 options (chance 0.25)\n")
+        print(choice_table(common, args.limit if args.limit < 163 else None).to_markdown(index=False, floatfmt=".4f"))
+        return
 
     rows, per_query = [], {}
     variants = [("no TTT (source)", ["ttt.method=source"])] + [
