@@ -159,3 +159,31 @@ def test_attach_lora_refuses_unknown_targets(tiny_lm_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, local_files_only=True)
     with pytest.raises(ValueError, match="none of target_modules"):
         lm.attach_lora(model, target_modules=["q_proj"])
+
+
+def test_a_llama_architecture_works_the_same(tiny_lm_dir, tmp_path):
+    """Any HF causal LM from a directory: a tiny Llama (RMSNorm `model.norm`, q/v projections,
+    PEFT's default LoRA targets) scores, trains LoRA, resets and reads through the lens."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    adapter = CausalLMAdapter(tmp_path, lora={"rank": 4})  # targets: PEFT's Llama default
+    model = adapter.get_model()
+    assert any("q_proj.lora_A" in n for n in lm.lora_state(model))
+    base = lm.lora_state(model)
+    before = _score(adapter, [TEXT])[0]
+    assert before["n_tokens"] > adapter.max_length  # windows on a second architecture too
+    result = lm.finetune_on_texts(model, adapter.lm_loss, [TEXT[:200]] * 2, lr=1e-2)
+    assert result.steps == 2 and _score(adapter, [TEXT])[0]["nll"] != before["nll"]
+    lm.reset_lora(model, base)
+    assert _score(adapter, [TEXT])[0]["nll"] == before["nll"]
+    records = adapter.logit_lens(TEXT[:120], top_k=3)
+    with torch.no_grad():
+        probs = model(input_ids=torch.tensor([lm.encode_with_bos(tok, TEXT[:120])])).logits[0, -1].softmax(-1)
+    assert len(records) == 3 and records[-1]["top_ids"] == probs.topk(3).indices.tolist()
