@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/mnistc_tent.yaml
 
-# retrieval TTT on the embedded tiny LM; the first run trains it (~5 min) and embeds its KB (~2 min)
+# retrieval TTT on the embedded tiny LM; the first run trains it (~3-5 min) and embeds its KB (~2 min)
 demo-lm: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/lm_nn.yaml
 

@@ -11,7 +11,7 @@ Prints two markdown tables:
 2. the cache: the first `--repeat` queries, each asked twice in a row (a user re-asking), with
    the cache off and on: hit rate, summed fine-tuning seconds, wall s, and whether the cached
    answers' bits per byte equal the freshly adapted ones.
-The first run builds the text default (LM ~5 min, KB ~2 min on 2 cores); later runs reuse it.
+The first run builds the text default (LM ~3-5 min, KB ~2 min on 2 cores); later runs reuse it.
 """
 from __future__ import annotations
 
