@@ -86,10 +86,14 @@ def make_embedder(spec: str, threads: int) -> Embedder:
     raise ValueError(f"unknown embedder '{spec}': expected 'sentence' or 'cnn:CHECKPOINT'")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)  # macOS
-    threads = args.threads or len(usable)
+    threads = args.threads or usable_cpus()
     try:
         spec = IndexSpec(type=args.index, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m,
                          ef_search=args.ef_search, ef_construction=args.ef_construction)

@@ -36,19 +36,17 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """Resolve the embedded defaults (build data / train the source model if missing), check the
     manifest and build the method once on the driver so start-up errors surface before Ray."""
     updates: dict[str, Any] = {}
-    if cfg.data.manifest is None and cfg.data.dataset == "mnistc":
+    manifest = cfg.data.manifest
+    if manifest is None and cfg.data.dataset == "mnistc":
         from pipeline.data.mnistc import ensure_mnistc
 
         manifest = ensure_mnistc(cfg.data.cache_dir, cfg.data.corruptions, cfg.data.severity,
                                  cfg.data.n_test, cfg.data.include_clean, cfg.data.seed)
-        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
-    elif cfg.data.manifest is None:
+    elif manifest is None:
         from pipeline.data.text import ensure_text_manifest
 
         manifest = ensure_text_manifest(text_cache(cfg), cfg.data.dataset, cfg.data.seed)
-        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
-    else:
-        updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(cfg.data.manifest).resolve())})
+    updates["data"] = cfg.data.model_copy(update={"manifest": str(Path(manifest).resolve())})
     check_manifest(updates["data"].manifest, cfg.model.kind)
     if cfg.model.kind == "causal_lm":
         path = cfg.model.path
@@ -131,10 +129,11 @@ def _ensure_text_kb(cfg: RunConfig) -> str:
     import pyarrow.parquet as pq
 
     from kb_index import IndexSpec, SentenceEmbedder, build_kb
+    from pipeline.build_kb import usable_cpus
     from pipeline.data.text import build_text_corpus
 
     corpus = pq.read_table(build_text_corpus(text_cache(cfg), seed=cfg.data.seed)["kb"])
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = usable_cpus()
     log(f"building the default text KB ({corpus.num_rows} chunks, {cfg.kb.index}, sentence embedder, "
         f"{threads} threads; a few minutes on 2 cores, once) in {out}")
     build_kb(corpus, out, SentenceEmbedder(threads=threads), IndexSpec(type=cfg.kb.index), progress=log)
