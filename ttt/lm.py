@@ -269,7 +269,8 @@ def logit_lens(model: nn.Module, tokenizer: Any, text: str, top_k: int = 5, posi
     model.eval()
     try:
         device = next(model.parameters()).device
-        out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
+        input_ids = torch.tensor([ids], device=device)
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_hidden_states=True)
     finally:
         model.train(was_training)
     hidden = out.hidden_states
