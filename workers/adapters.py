@@ -24,6 +24,16 @@ class Batch:
     errors: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
 
+def class_predictions(logits: torch.Tensor) -> list[dict[str, Any]]:
+    """Scores over classes (or answer choices) [N, C] -> per row: the argmax, its softmax
+    probability and the softmax entropy."""
+    logits = logits.detach().float().cpu()
+    conf, pred = logits.softmax(1).max(1)
+    ent = softmax_entropy(logits)
+    return [{"prediction": int(p), "confidence": float(c), "entropy": float(e)}
+            for p, c, e in zip(pred.tolist(), conf.tolist(), ent.tolist())]
+
+
 class ImageClassifierAdapter:
     """Grayscale/colour image classifier. A manifest row holds either `path` (.png/.jpg/.npy)
     or `pixels` (a flat list, reshaped to `image_shape`)."""
@@ -84,14 +94,7 @@ class ImageClassifierAdapter:
         if logits is None:
             with torch.no_grad():
                 logits = self.forward(batch.inputs)
-        logits = logits.detach().float().cpu()
-        prob = logits.softmax(1)
-        conf, pred = prob.max(1)
-        ent = softmax_entropy(logits)
-        return [
-            {"prediction": int(p), "confidence": float(c), "entropy": float(e)}
-            for p, c, e in zip(pred.tolist(), conf.tolist(), ent.tolist())
-        ]
+        return class_predictions(logits)
 
     # -- hooks -------------------------------------------------------------------------
     def reconstruct(self, masked_inputs: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ttt import lm
-from workers.adapters import Batch
+from workers.adapters import Batch, class_predictions
 
 
 @dataclass
@@ -139,7 +139,8 @@ class CausalLMAdapter:
                 for n, t, b in zip(per_nll, per_tokens, inputs.n_bytes)]
         for row, text, options in zip(rows, inputs.texts, inputs.choices):
             if options:
-                row.update(_choice_prediction(self.score_choices(text, options)))
+                logliks = self.score_choices(text, options)
+                row.update(class_predictions(torch.tensor([logliks]))[0], choice_logliks=logliks)
         return rows
 
     def embed(self, inputs: LMInputs) -> torch.Tensor:
@@ -186,12 +187,6 @@ class CausalLMAdapter:
         input_ids, mask, labels = self._tensors(windows)
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits
         return [-float(row.double().sum()) for row in lm.token_nll(logits, labels)]
-
-
-def _choice_prediction(logliks: list[float]) -> dict[str, Any]:
-    probs = torch.tensor(logliks, dtype=torch.float64).softmax(0)
-    return {"prediction": int(probs.argmax()), "confidence": float(probs.max()),
-            "entropy": float(-(probs * probs.clamp_min(1e-300).log()).sum()), "choice_logliks": list(logliks)}
 
 
 def _choices_of(record: dict[str, Any]) -> list[str] | None:

@@ -354,7 +354,7 @@ def choice_rows(queries: list[dict[str, Any]], n_choices: int = 4, seed: int = 0
     rng = np.random.default_rng(seed)
     lines = [last for _, _, last in split]
     rows = []
-    for i, (q, context, answer) in enumerate(split):
+    for q, context, answer in split:
         others = [j for j in rng.permutation(len(split)) if lines[j] != answer]
         distractors = list(dict.fromkeys(lines[j] for j in others))[:n_choices - 1]
         choices = [answer] + distractors
