@@ -1,6 +1,6 @@
 """The job at scale (issue 15), three measurements, each side by side in one run:
 
-    .venv/bin/python bench/job_scale.py throughput [--rows 6000] [--repeats 2]
+    .venv/bin/python bench/job_scale.py throughput [--rows 15000] [--repeats 3]
     .venv/bin/python bench/job_scale.py growth [--rows 15000,150000]
     .venv/bin/python bench/job_scale.py lost [--every 1000,20,5] [--rows 3000]
 
@@ -8,7 +8,8 @@ throughput: Tent on the default stream, the pipeline (1 and 2 workers) against w
   write instead: a plain PyTorch loop with `DataLoader(num_workers=2)` reading the same rows as PNG
   files (the bench writes them), and a plain in-process loop on the inline pixels. Same Tent
   updates, same shards, one torch thread per model. Prints samples/s and the ratios, and where the
-  pipeline's time before the first adapted batch goes.
+  pipeline's time before the first adapted batch goes. Beyond the stream's 15,000 rows, the stream
+  is repeated with fresh sample ids.
 growth: `source` over a manifest of N rows that point into one .npy of the default stream's digits
   (tiled with fresh sample ids: the CIFAR-C row layout), each size in its own process: wall, rows/s,
   the driver's peak RSS and the workers' peak RSS.
@@ -46,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.run import prepare, run_job, shard_bounds  # noqa: E402
+from pipeline.manifest import ROW_GROUP_ROWS  # noqa: E402
+from pipeline.run import init_ray, prepare, run_job, shard_bounds  # noqa: E402
 from ttt import build_method  # noqa: E402
 from ttt.images import ImageSpec, normalise, read_row  # noqa: E402
 from workers.ttt_worker import build_adapter  # noqa: E402
@@ -66,15 +68,31 @@ class PngRows(Dataset):
         return torch.from_numpy(read_row({"path": self.paths[i]}, self.spec))
 
 
-def write_pngs(cfg, out: Path) -> Path:
-    table = pq.read_table(cfg.data.manifest).slice(0, cfg.data.limit)
+def stream_rows(manifest: str, n_rows: int, out: Path) -> Path:
+    """The default stream's first `n_rows`, the whole stream repeated (fresh sample ids) beyond it."""
+    table = pq.read_table(manifest)
+    idx = np.arange(n_rows) % table.num_rows
+    tiled = table.take(pa.array(idx))
+    tiled = tiled.set_column(tiled.column_names.index("sample_id"), "sample_id",
+                             pa.array([f"r{i:08d}-{s}" for i, s in enumerate(tiled.column("sample_id").to_pylist())]))
+    tiled = tiled.set_column(tiled.column_names.index("position"), "position", pa.array(np.arange(n_rows)))
+    path = out / f"stream-{n_rows}.parquet"
+    pq.write_table(tiled, path, row_group_size=ROW_GROUP_ROWS)
+    return path
+
+
+def write_pngs(manifest: Path, out: Path) -> Path:
+    """One PNG per distinct image of `manifest` (a repeated row reads the same file)."""
+    table = pq.read_table(manifest)
     (out / "png").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, written = [], {}
     for r in table.to_pylist():
-        path = out / "png" / f"{r['sample_id']}.png"
-        Image.fromarray(np.asarray(r["pixels"], dtype=np.uint8).reshape(28, 28)).save(path)
-        rows.append({"sample_id": r["sample_id"], "path": str(path), "label": r["label"], "domain": r["domain"]})
-    pq.write_table(pa.Table.from_pylist(rows), out / "png_manifest.parquet")
+        key = r["sample_id"].split("-", 1)[1]
+        if key not in written:
+            written[key] = out / "png" / f"{key}.png"
+            Image.fromarray(np.asarray(r["pixels"], dtype=np.uint8).reshape(28, 28)).save(written[key])
+        rows.append({"sample_id": r["sample_id"], "path": str(written[key]), "label": r["label"], "domain": r["domain"]})
+    pq.write_table(pa.Table.from_pylist(rows), out / "png_manifest.parquet", row_group_size=ROW_GROUP_ROWS)
     return out / "png_manifest.parquet"
 
 
@@ -94,7 +112,7 @@ def plain_loop(cfg, png_manifest: Path | None) -> float:
             for x in loader:
                 method.step(normalise(x, spec)).logits.argmax(1)
     else:
-        table = pq.read_table(cfg.data.manifest).slice(0, cfg.data.limit)
+        table = pq.read_table(cfg.data.manifest)
         pixels = np.stack(table.column("pixels").to_numpy(zero_copy_only=False)).astype(np.float32)
         x_all = normalise(torch.from_numpy(pixels).view(-1, *spec.shape) / 255.0, spec)
         for start, end in shard_bounds(len(x_all), cfg.workers.num_shards):
@@ -116,9 +134,11 @@ def pipeline_run(cfg, workers: int, manifest: str | None = None) -> tuple[float,
 
 def throughput(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"data.limit={args.rows}", f"output_root={out}"]))
-    png = write_pngs(cfg, out)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
+    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"output_root={out}"]))
+    stream = stream_rows(cfg.data.manifest, args.rows, out)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": str(stream), "limit": None})})
+    png = write_pngs(stream, out)
+    init_ray(num_cpus=2)  # as `pipeline run` starts a local instance
     cells = {
         "plain loop, PNG files, DataLoader(num_workers=2)": lambda: (plain_loop(cfg, png), None),
         "pipeline, PNG files, 1 worker": lambda: pipeline_run(cfg, 1, str(png)),
@@ -150,10 +170,12 @@ def throughput(args) -> None:
     print(f"pipeline / plain loop samples/s, inline, 1 worker: {inline_plain / med['pipeline, inline pixels, 1 worker']:.2f}")
     print(f"2 workers vs 1, PNG: {med['pipeline, PNG files, 1 worker'] / med['pipeline, PNG files, 2 workers']:.2f}x; "
           f"inline: {med['pipeline, inline pixels, 1 worker'] / med['pipeline, inline pixels, 2 workers']:.2f}x")
-    for name in ("pipeline, PNG files, 1 worker", "pipeline, inline pixels, 1 worker"):
+    print("\nbefore the first adapted batch (s from the job's start; the worker's process may predate the job: "
+          "Ray keeps idle ones):")
+    for name in (n for n in cells if n.startswith("pipeline")):
         p = phases[name][-1]
-        print(f"{name}: prepare {p['prepare_s']:.2f} s, Ray ready at {p['ray_ready_s']:.2f} s, "
-              f"first step at {p['first_step_s']:.2f} s")
+        steps = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in (p.get("startup") or {}).items())
+        print(f"{name}: prepare {p['prepare_s']:.2f}, Ray ready {p['ray_ready_s']:.2f}; worker: {steps}")
 
 
 # -- growth ------------------------------------------------------------------------------------
@@ -271,8 +293,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("throughput")
-    p.add_argument("--rows", type=int, default=6000)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rows", type=int, default=15000)
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("growth")
     p.add_argument("--rows", default="15000,150000")
     p = sub.add_parser("lost")

@@ -100,7 +100,10 @@ class WorkerConfig(_Strict):
     # CPUs per Ray Data decode / preprocess task; the pool leaves this much free. Fractional so a
     # task fits beside the workers on 1-CPU nodes
     preprocess_cpus: float = Field(0.5, gt=0.0)
-    rows_per_block: int = Field(256, ge=1)  # rows per Ray Data block (one decode task each)
+    # rows per Ray Data block (one decode task each); None = as many as fill BLOCK_BYTES decoded
+    # (1024 for 28x28 digits, ~50 for 224x224 RGB): small blocks cost the consumer more per row
+    # than a Tent step does (bench/job_scale.py throughput)
+    rows_per_block: int | None = Field(None, ge=1)
     prefetch_blocks: int = Field(4, ge=0)  # decoded blocks a worker keeps ahead of the model
 
 

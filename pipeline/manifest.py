@@ -10,6 +10,11 @@ import pyarrow.parquet as pq
 from pipeline.fingerprint import manifest_files
 
 
+# Rows per Parquet row group in the manifests this project writes: decode tasks read a few hundred
+# rows at a time and Parquet reads whole groups, so small groups keep each read proportionate.
+ROW_GROUP_ROWS = 4096
+
+
 class ManifestError(ValueError):
     pass
 

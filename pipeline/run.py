@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from pipeline.checks import check_gpus, check_resume, prepare_run
 from pipeline.checks import prepare  # noqa: F401  (the CLI and the harness prepare through here)
 from pipeline.config import RunConfig
 from pipeline.fingerprint import inputs_fingerprint, run_fingerprint
-from pipeline.inputs import InputSpec, count_rows, shard_dataset
+from pipeline.inputs import InputSpec, count_rows, shard_dataset, warm_up
 from pipeline.meta import git_commit, new_run_id, package_versions
 from pipeline.outputs import (append_log, commit_chunk, committed_shards, load_state, read_results, summarise,
                               write_json)
@@ -86,6 +87,7 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
             if not run.todo:
                 finished(run)
         if pending:
+            threading.Thread(target=warm_up, args=(pending[0][0].inputs_spec,), daemon=True).start()
             lead = runs[0].cfg
             pool = Pool(lead, worker_plan(lead, resources, len(pending)), runs[0].worker_spec)
             log(f"{len(pending)} shard(s) of {sum(1 for r in runs if r.todo)} run(s) on {len(pool.actors)} worker(s), "
@@ -149,6 +151,7 @@ class Run:
                             "services": self.shared.spec if self.shared else None}
         self.remaining = set(self.todo)
         self.first_step_at: float | None = None
+        self.first_timeline: dict[str, float] | None = None  # the first shard to step: its worker's start-up
         self.t0 = time.perf_counter()
 
     def finish(self, pool: "Pool | None", timing: dict[str, float]) -> None:
@@ -162,7 +165,8 @@ class Run:
             "samples_per_s": processed / wall if wall > 0 and processed else None,
             # where the time before the first adapted batch goes (seconds from the job's start)
             "prepare_s": timing["prepare_s"], "ray_ready_s": timing["ray_ready_s"],
-            "first_step_s": None if self.first_step_at is None else self.first_step_at - timing["started_at"]}
+            "first_step_s": None if self.first_step_at is None else self.first_step_at - timing["started_at"],
+            "startup": startup_breakdown(self.first_timeline, timing["started_at"])}
         summary["cache"] = self.shared.cache_stats() if self.shared is not None else None
         write_json(self.run_dir / "summary.json", summary)
         mine = [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
@@ -267,8 +271,9 @@ class Scheduler:
     def _commit(self, slot: int, run: Run, chunk: dict[str, Any]) -> None:
         shard = chunk["shard"]
         self.pool.nodes[slot] = chunk.get("node")
-        if chunk.get("first_batch_at") is not None:
-            run.first_step_at = min(run.first_step_at or chunk["first_batch_at"], chunk["first_batch_at"])
+        first = chunk.get("first_batch_at")
+        if first is not None and (run.first_step_at is None or first < run.first_step_at):
+            run.first_step_at, run.first_timeline = first, chunk.get("timeline")
         run.commits[shard] = commit_chunk(run.run_dir, chunk, run.commits.get(shard), run.fingerprint)
         if run.cfg.ttt.log_out:
             append_log(run.run_dir / run.cfg.ttt.log_out, chunk["analysis"])  # relative to the run dir
@@ -411,9 +416,15 @@ def _kill(*actors: Any) -> None:
             pass
 
 
-def init_ray() -> dict[str, float]:
-    """Join the cluster at RAY_ADDRESS, else start a local instance (no dashboard); the cluster's
-    resources, without the per-node entries."""
+# Ray kills idle worker processes beyond one per CPU after 1 s; decode tasks come in bursts as the
+# workers consume, so the processes that ran them (with pyarrow, PIL and torch imported) died between
+# bursts and the next block waited ~2 s for a cold one. A local instance keeps them 30 s.
+LOCAL_IDLE_WORKER_KILL_MS = "30000"
+
+
+def init_ray(num_cpus: int | None = None) -> dict[str, float]:
+    """Join the cluster at RAY_ADDRESS, else start a local instance (no dashboard; `num_cpus`
+    None = the machine's); the cluster's resources, without the per-node entries."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -421,8 +432,9 @@ def init_ray() -> dict[str, float]:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", LOCAL_IDLE_WORKER_KILL_MS)
             log("starting a local Ray instance")
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=num_cpus)
     return {k: float(v) for k, v in ray.cluster_resources().items() if "node:" not in k}
 
 
@@ -452,6 +464,15 @@ def worker_plan(cfg: RunConfig, resources: dict[str, float], shards_left: int) -
         n = min(n, max(1, int(resources.get("GPU", 0.0) // cfg.workers.num_gpus)))
     n = max(1, min(n, shards_left))
     return n, min(per, budget / n)
+
+
+def startup_breakdown(timeline: dict[str, float] | None, started_at: float) -> dict[str, float] | None:
+    """The first adapted batch's way there, in seconds from the job's start: when its worker's
+    process started, had imported its modules (torch), was ready (model and method built), was given
+    the shard, received the first decoded block, and finished the first batch."""
+    if not timeline:
+        return None
+    return {f"{k}_s": round(v - started_at, 3) for k, v in timeline.items() if v is not None}
 
 
 def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:

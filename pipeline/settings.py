@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.manifest import ROW_GROUP_ROWS
+
 META_KEY = b"ttt_pipeline.manifest"
 SETTINGS: tuple[str, ...] = ("reset_each_shift", "continual", "gradual", "mixed_domains", "correlated")
 # Which value of the run config's `ttt.reset_on_domain_change` each setting is defined with.
@@ -219,7 +221,7 @@ def write_manifest(table: pa.Table, meta: dict[str, Any], path: str | Path) -> P
     existing = dict(table.schema.metadata or {})
     existing[META_KEY] = json.dumps(meta, sort_keys=True).encode()
     tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table.replace_schema_metadata(existing), tmp)
+    pq.write_table(table.replace_schema_metadata(existing), tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, out)
     return out
 

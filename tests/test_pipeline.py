@@ -88,11 +88,16 @@ def test_source_equals_plain_forward(ray_session, small_default, tmp_path):
     assert got["error"].isna().all() and (got["adapter_source"] == "none").all()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["rows"] == len(manifest)
+    # where the time before the first batch went, in the order it happens
+    startup = json.loads((run_dir / "summary.json").read_text())["throughput"]["startup"]
+    order = ["imported_s", "ready_s", "shard_start_s", "first_input_s", "first_batch_s"]
+    assert [startup[k] for k in order] == sorted(startup[k] for k in order)
 
 
 def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, small_default, tmp_path):
+    """Same rows for 1 or 2 workers and any decode block size."""
     a = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=1"))
-    b = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2"))
+    b = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2", "workers.rows_per_block=7"))
     ra, rb = results_of(a), results_of(b)
     manifest = pq.read_table(small_default["manifest"], columns=["sample_id"]).column(0).to_pylist()
     assert sorted(ra["sample_id"]) == sorted(manifest) and ra["sample_id"].is_unique

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import ray
 import torch
 
@@ -29,6 +30,8 @@ from workers.adapters import ImageClassifierAdapter
 from workers.clients import CacheClient, KBClient, build_services  # noqa: F401  (re-exported for callers)
 from workers.models import load_model
 from workers.stream import StreamState, stream_chunks
+
+IMPORTED_AT = time.time()  # with the process's start: where a cold worker's start-up time goes
 
 
 def build_adapter(model_spec: dict[str, Any], device: str, *, threads: int | None = None,
@@ -73,6 +76,7 @@ class TTTWorker:
     same (each method gets a fresh copy of the pristine weights) and rebuilds only the method."""
 
     def __init__(self, spec: dict[str, Any], name: str):
+        self.boot = {"process_start": psutil.Process().create_time(), "imported": IMPORTED_AT}
         torch.set_num_threads(spec["torch_threads"])
         self.device = "cuda" if spec["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
         self.name = name
@@ -84,6 +88,7 @@ class TTTWorker:
         self._progress = {"shard": None, "rows_done": 0}
         self.node = ray.get_runtime_context().get_node_id()
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver reports progress
+        self.boot["ready"] = time.time()
 
     def configure(self, spec: dict[str, Any]) -> None:
         """Serve the run `spec` describes (no-op when it already does)."""
@@ -134,22 +139,31 @@ class TTTWorker:
         shard = task["shard"]
         with self._lock:
             self._progress = {"shard": shard, "rows_done": task["offset"]}
+        timeline = {**self.boot, "shard_start": time.time()}  # wall-clock stamps, for the run's summary
         start = StreamState(task["offset"], task["batch_index"], task["prev_domain"],
                             None if state is None else torch.load(io.BytesIO(state), weights_only=True))
         # whole blocks, not iter_rows: per-row iteration through Ray Data costs more than a Tent step
-        rows = (row for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow",
-                                                      prefetch_batches=task.get("prefetch_blocks", 4))
-                for row in block.to_pylist())
+        blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=task.get("prefetch_blocks", 4))
+        rows = (row for block in _stamp_first(blocks, timeline, "first_input") for row in block.to_pylist())
         chunks = stream_chunks(self.adapter, self.method, rows, run_id=self.run_id, shard=shard, worker=self.name,
                                first_position=task["first_position"], start=start,
                                checkpoint_every=task["checkpoint_every"], precision=task.get("precision", "fp32"),
                                on_batch=self._advance)
         for chunk in chunks:
             st = chunk.pop("state")
+            timeline["first_batch"] = self._progress.get("first_batch_at")
             chunk.update(shard=shard, offset=st.offset, batch_index=st.batch_index, prev_domain=st.prev_domain,
                          done=st.method_state is None, method_state=_to_bytes(st.method_state), node=self.node,
-                         first_batch_at=self._progress.get("first_batch_at"))
+                         first_batch_at=timeline["first_batch"], timeline=timeline)
             yield chunk
+
+
+def _stamp_first(items: Iterator[Any], timeline: dict[str, float], key: str) -> Iterator[Any]:
+    """`items`, noting in `timeline[key]` when the first one arrived."""
+    for item in items:
+        timeline.setdefault(key, time.time())
+        yield item
 
 
 def _to_bytes(state: dict[str, Any] | None) -> bytes | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.corruptions import CORRUPTIONS, corrupt
+from pipeline.manifest import ROW_GROUP_ROWS
 
 DEFAULT_CORRUPTIONS: tuple[str, ...] = (
     "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate",
@@ -100,7 +101,7 @@ def ensure_mnistc(cache_dir: str | Path = ".cache", corruptions: list[str] | Non
         "pixels": pa.array([p.tolist() for p in columns["pixels"]], pa.list_(pa.uint8())),
     })
     tmp = manifest.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, manifest)  # the manifest appears last: its presence means the build finished
     (out / "build.json").write_text(json.dumps({
         "domains": list(domains), "severity": severity, "n_test": n_test, "seed": seed,
