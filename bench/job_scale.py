@@ -12,7 +12,7 @@ throughput: Tent on the default stream, the pipeline (1 and 2 workers) against w
   is repeated with fresh sample ids.
 growth: `source` over a manifest of N rows that point into one .npy of the default stream's digits
   (tiled with fresh sample ids: the CIFAR-C row layout), each size in its own process: wall, rows/s,
-  the driver's peak RSS and the workers' peak RSS.
+  the driver's peak RSS and the workers' peak RSS and USS (private memory).
 lost: kill the worker at a random batch of a 1-shard Tent run, for several `checkpoint_every`
   values: the row the shard went on from (run.json `resumes`), the rows recomputed, and whether the results equal an
   undisturbed run.
@@ -186,17 +186,21 @@ sys.path.insert(0, sys.argv[1])
 from pipeline.config import load_config
 from pipeline.run import run_job
 ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
-peak = {"worker": 0}
+peak = {"worker": 0, "worker_uss": 0}
 stop = threading.Event()
 def watch():
+    # RSS counts the object store's shared pages a worker has mapped (they grow towards the store's
+    # size as blocks pass through); USS is the worker's private memory, what would leak
     while not stop.is_set():
         for p in psutil.process_iter(["cmdline"]):
             try:
                 if any("TTTWorker" in c for c in (p.info["cmdline"] or [])):
-                    peak["worker"] = max(peak["worker"], p.memory_info().rss)
+                    m = p.memory_full_info()
+                    peak["worker"] = max(peak["worker"], m.rss)
+                    peak["worker_uss"] = max(peak["worker_uss"], m.uss)
             except psutil.Error:
                 pass
-        time.sleep(0.5)
+        time.sleep(1.0)
 threading.Thread(target=watch, daemon=True).start()
 t0 = time.perf_counter()
 run_dir = run_job(load_config(sys.argv[2], sys.argv[3:]))
@@ -204,7 +208,7 @@ wall = time.perf_counter() - t0
 stop.set()
 rows = json.loads((run_dir / "run.json").read_text())["counts"]["rows"]
 print("GROWTH", json.dumps({"rows": rows, "wall_s": wall, "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                            "worker_peak_mb": peak["worker"] / 2**20}), flush=True)
+                            "worker_peak_mb": peak["worker"] / 2**20, "worker_uss_mb": peak["worker_uss"] / 2**20}), flush=True)
 """
 
 
@@ -227,8 +231,8 @@ def growth(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-growth-"))
     cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"output_root={out}"]))
     (out / "child.py").write_text(GROWTH_CHILD)
-    print("| rows | wall s | rows/s | driver peak RSS MB | worker peak RSS MB |")
-    print("| --: | --: | --: | --: | --: |")
+    print("| rows | wall s | rows/s | driver peak RSS MB | worker peak RSS MB | worker peak USS MB |")
+    print("| --: | --: | --: | --: | --: | --: |")
     for n in [int(v) for v in args.rows.split(",")]:
         manifest = tiled_manifest(cfg, out, n)
         proc = subprocess.run([sys.executable, str(out / "child.py"), str(ROOT), str(ROOT / "configs/mnistc_source.yaml"),
@@ -241,7 +245,7 @@ def growth(args) -> None:
             raise SystemExit(f"growth run of {n} rows failed")
         g = json.loads(line[0].split(" ", 1)[1])
         print(f"| {g['rows']:,} | {g['wall_s']:.1f} | {g['rows'] / g['wall_s']:.0f} | {g['driver_peak_mb']:.0f} | "
-              f"{g['worker_peak_mb']:.0f} |", flush=True)
+              f"{g['worker_peak_mb']:.0f} | {g['worker_uss_mb']:.0f} |", flush=True)
 
 
 # -- work lost to a failure --------------------------------------------------------------------

@@ -10,7 +10,7 @@ code (`pipeline.harness.evaluate`) one after another in one process and one Ray 
 1. ttt_text_choices (next-line multiple choice, acc / acc_norm) and ttt_text_rolling (held-out
    chunks, bits per byte), each `source` vs `nn`, the first `--limit` documents of each;
 2. the fan-out: the same `--fanout-limit` documents of `--fanout-task` with `nn` on 1 worker, then
-   on 2: evaluation wall time (model start-up excluded) and its ratio, and whether every request's
+   on 2, twice in that order (the second run of each is reported): evaluation wall time (model start-up excluded) and its ratio, and whether every request's
    answer is identical (nn resets to the base LoRA per context, so it must be).
 Prints markdown tables. The first run builds the tiny LM and its KB (`python -m pipeline build-data
 configs/lm_nn.yaml`, a few minutes); later runs reuse them.
@@ -51,22 +51,23 @@ def metric(out: dict, task: str, name: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--limit", type=int, default=100, help="documents per task for the source/nn table")
+    p.add_argument("--limit", type=int, default=100, help="documents per task for the source/nn table (0: no table)")
     p.add_argument("--fanout-limit", type=int, default=40)
     p.add_argument("--fanout-task", default="ttt_text_rolling", choices=sorted(METRICS))
     p.add_argument("--workers", type=int, default=2, help="workers of the source/nn table runs")
     args = p.parse_args()
 
     rows = []
-    for task in METRICS:
+    for task in (METRICS if args.limit > 0 else []):
         for method in ("source", "nn"):
             out = run(task, args.limit, method, args.workers)
             rows.append({"task": task, "method": method, "documents": args.limit, "adaptations": out["adaptations"],
                          **{m: round(metric(out, task, m), 4) for m in METRICS[task]},
                          "fine-tune s/doc": round(out["finetune_s"], 3), "eval wall s": round(out["wall_s"], 1)})
-    print("\n" + pd.DataFrame(rows).to_markdown(index=False))
+    if rows:
+        print("\n" + pd.DataFrame(rows).to_markdown(index=False))
 
-    fan = {w: run(args.fanout_task, args.fanout_limit, "nn", w) for w in (1, 2)}
+    fan = {w: run(args.fanout_task, args.fanout_limit, "nn", w) for w in (1, 2, 1, 2)}  # 1 then 2, twice: keep the second of each
     same = fan[1]["requests"]["loglik"].tolist() == fan[2]["requests"]["loglik"].tolist()
     table = [{"workers": w, "documents": args.fanout_limit, "adaptations": fan[w]["adaptations"],
               "eval wall s": round(fan[w]["wall_s"], 1), "speed-up vs 1": round(fan[1]["wall_s"] / fan[w]["wall_s"], 2),

@@ -127,16 +127,8 @@ def main() -> None:
     table = table.loc[args.methods.split(",")]
     table["worker_s"] = cells.groupby("method")["worker_s"].sum()
     print(f"\nerror % per setting, {args.per_domain} digits/domain (gradual {args.gradual_per_domain}/visit), one stream\n")
-    print(table.round(2).to_markdown() if _has_tabulate() else table.round(2).to_string())
+    print(table.round(2).to_markdown())
     print("\n" + json.dumps({s: manifests[s][1]["rows"] for s in settings}))
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

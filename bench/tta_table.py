@@ -115,15 +115,7 @@ def main() -> None:
         table.to_csv(args.csv)
     protocol = "reset at each domain shift" if args.reset_each_shift else "continual"
     print(f"\nMNIST-C severity 3, {args.n_test} digits/domain, {args.shards} shard(s), {protocol}, error % per domain\n")
-    print(table.round(2).to_markdown() if _has_tabulate() else table.round(2).to_string())
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    print(table.round(2).to_markdown())
 
 
 if __name__ == "__main__":

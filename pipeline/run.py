@@ -35,8 +35,7 @@ from pipeline.config import RunConfig
 from pipeline.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.inputs import InputSpec, count_rows, shard_dataset, warm_up
 from pipeline.meta import git_commit, new_run_id, package_versions
-from pipeline.outputs import (append_log, commit_chunk, committed_shards, load_state, read_results, summarise,
-                              write_json)
+from pipeline.outputs import append_log, commit_chunk, committed_shards, load_state, summarise_run, write_json
 from pipeline.progress import Progress
 from pipeline.settings import read_manifest_meta
 from ttt.methods import method_class
@@ -156,8 +155,7 @@ class Run:
 
     def finish(self, pool: "Pool | None", timing: dict[str, float]) -> None:
         """All shards committed: summary.json, run.json `finished`."""
-        results = read_results(self.run_dir)
-        summary = summarise(results)
+        summary = summarise_run(self.run_dir)
         wall = time.perf_counter() - self.t0
         processed = sum(self.bounds[s][1] - self.bounds[s][0] - self.resumed.get(s, 0) for s in self.todo)
         summary["throughput"] = {
@@ -171,7 +169,7 @@ class Run:
         write_json(self.run_dir / "summary.json", summary)
         mine = [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
         self.info.update(status="finished", ended_at=_now(), output_dir=str(self.run_dir.resolve()),
-                         counts={"rows": results.num_rows, "errors": summary["overall"]["errors_rows"],
+                         counts={"rows": summary["overall"]["n"], "errors": summary["overall"]["errors_rows"],
                                  "shards": len(self.bounds), "restarts": len(mine)},
                          resumes=mine, workers=pool.placement() if pool else [])
         write_json(self.run_dir / "run.json", self.info)

@@ -66,3 +66,13 @@ def test_manifest_rewritten_in_place_is_read_again(tmp_path):
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse clocks: make the rewrite visible
     assert set(manifest_rows(str(path)).read(0, 40).column("label").to_pylist()) == {5}
+
+
+def test_duplicate_sample_ids_are_named(tmp_path):
+    from pipeline.manifest import ManifestError, check_manifest
+
+    pq.write_table(pa.table({"sample_id": ["b", "a", "c", "a", "b", "a"], "pixels": [[1]] * 6}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"sample_id 'a' appears more than once \(2 duplicated ids\)"):
+        check_manifest(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"sample_id": [3, 1, 2], "pixels": [[1]] * 3}), tmp_path / "n.parquet")
+    assert check_manifest(tmp_path / "n.parquet") == 3  # integer ids are fine
