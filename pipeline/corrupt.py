@@ -260,7 +260,7 @@ def run_corruptions(source: CleanSource, corruptions: Sequence[str], severities:
         _corrupt_batch, batch_size=batch_size, compute=compute, num_cpus=1,
         fn_kwargs={"source": shipped, "jobs": jobs, "seed": seed, "out_dir": out_dir})
     # Ray Data otherwise reserves part of the cluster for each operator (here the id range and the
-    # corruption tasks): on 2 CPUs the second worker then got no CPU (1.04x for 2 workers; 1.54x without)
+    # corruption tasks): on 2 CPUs the second worker then got no CPU (1.04x for 2 workers; 1.71x without: bench/corrupt_throughput.py)
     ds.context.op_resource_reservation_enabled = False
     return ds
 

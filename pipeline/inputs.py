@@ -221,10 +221,9 @@ def block_sizes(full: int) -> Iterator[int]:
 
 def block_ranges(start: int, end: int, full: int) -> list[dict[str, int]]:
     """Rows [start, end) cut into consecutive blocks of `block_sizes(full)`."""
-    ranges, lo = [], start
-    for size in block_sizes(full):
-        if lo >= end:
-            return ranges
+    ranges, lo, sizes = [], start, block_sizes(full)
+    while lo < end:
+        size = next(sizes)
         ranges.append({"lo": lo, "hi": min(lo + size, end)})
         lo += size
     return ranges

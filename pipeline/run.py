@@ -269,7 +269,7 @@ class Scheduler:
     def _commit(self, slot: int, run: Run, chunk: dict[str, Any]) -> None:
         shard = chunk["shard"]
         self.pool.nodes[slot] = chunk.get("node")
-        first = chunk.get("first_batch_at")
+        first = (chunk.get("timeline") or {}).get("first_batch")
         if first is not None and (run.first_step_at is None or first < run.first_step_at):
             run.first_step_at, run.first_timeline = first, chunk.get("timeline")
         run.commits[shard] = commit_chunk(run.run_dir, chunk, run.commits.get(shard), run.fingerprint)

@@ -155,7 +155,7 @@ class TTTWorker:
             timeline["first_batch"] = self._progress.get("first_batch_at")
             chunk.update(shard=shard, offset=st.offset, batch_index=st.batch_index, prev_domain=st.prev_domain,
                          done=st.method_state is None, method_state=_to_bytes(st.method_state), node=self.node,
-                         first_batch_at=timeline["first_batch"], timeline=timeline)
+                         timeline=timeline)
             yield chunk
 
 
