@@ -23,6 +23,7 @@ from pipeline import cli
 from pipeline.config import ConfigError, load_config
 from pipeline.run import run_job
 from ttt import TTTConfig, build_method
+from ttt.images import ImageSpec
 from workers.adapters import ImageClassifierAdapter, ImageRowReader
 from workers.models import load_model
 
@@ -163,6 +164,36 @@ def test_a_read_that_blocks_times_out_as_an_error_row(small_default, digits):
     assert [r["sample_id"] for r in batch.records] == ["a", "b"]
     (row, msg), = batch.errors
     assert row["sample_id"] == "stalls" and "/slow/fs/x.png" in msg and "read_timeout_s=0.5" in msg
+
+
+def test_every_stalled_read_of_a_block_times_out_alone(tmp_path: Path, digits):
+    """Two stalled reads in one block (one of them its last row): each is a TimeoutError row, every
+    other row is read, in order, by the fresh thread that takes over after a stall."""
+    import threading
+
+    release = threading.Event()
+    for i in range(4):
+        Image.fromarray(digits[0][i].reshape(28, 28)).save(tmp_path / f"{i}.png")
+
+    class StallingReader(ImageRowReader):
+        def decode(self, record):
+            if "stalls" in record["path"]:
+                release.wait(30)
+            return super().decode(record)
+
+    reader = StallingReader(ImageSpec(shape=(1, 28, 28)), num_classes=10, read_timeout_s=0.3)
+    paths = [tmp_path / "0.png", "/slow/stalls-1.png", tmp_path / "1.png", tmp_path / "2.png",
+             tmp_path / "3.png", "/slow/stalls-2.png"]
+    try:
+        got = reader.read([{"path": str(p), "label": 1} for p in paths])
+    finally:
+        release.set()
+    assert [isinstance(g, str) for g in got] == [False, True, False, False, False, True]
+    assert "stalls-1.png" in got[1] and "stalls-2.png" in got[5] and "read_timeout_s=0.3" in got[5]
+    want = [ImageRowReader(ImageSpec(shape=(1, 28, 28)), read_timeout_s=None).decode({"path": str(p)})
+            for p in (paths[0], *paths[2:5])]
+    for g, w in zip([got[0], *got[2:5]], want):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_a_nan_image_does_not_touch_the_other_rows_of_its_tent_batch(adapter, digits):
