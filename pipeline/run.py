@@ -14,6 +14,7 @@ run's, bit for bit, and every restart is printed and counted in run.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import platform
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -88,10 +90,12 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
         if pending:
             threading.Thread(target=warm_up, args=(pending[0][0].inputs_spec,), daemon=True).start()
             lead = runs[0].cfg
-            pool = Pool(lead, worker_plan(lead, resources, len(pending)), runs[0].worker_spec)
-            log(f"{len(pending)} shard(s) of {sum(1 for r in runs if r.todo)} run(s) on {len(pool.actors)} worker(s), "
-                f"checkpoint every {lead.workers.checkpoint_every} batches")
+            pool = pool_for(lead, worker_plan(lead, resources, len(pending)), runs[0].worker_spec)
+            log(f"{len(pending)} shard(s) of {sum(1 for r in runs if r.todo)} run(s) on {len(pool.actors)} "
+                f"{'warm ' if pool.runs > 1 else ''}worker(s), checkpoint every {lead.workers.checkpoint_every} batches")
             Scheduler(lead, pool, on_run_done=finished).run(pending)
+            keep_warm(pool)
+            pool = None
         return [run.run_dir for run in runs]
     except BaseException as exc:
         for run in runs:
@@ -102,6 +106,51 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
             pool.shutdown()
         for run in runs:
             run.close()
+
+
+# The pool `warm_workers()` keeps between runs; None outside such a block.
+_warm: dict[str, "Pool | None"] | None = None
+
+
+@contextlib.contextmanager
+def warm_workers() -> Iterator[None]:
+    """Keep the worker pool between the runs of this driver (a notebook's or a script's loop over
+    configs): a run whose pool would be the same (workers, CPUs and GPUs each) starts on the last
+    run's workers, with torch imported and the model loaded, instead of paying a fresh worker's
+    start-up (~4 s on the dev box, see BENCHMARKS.md). Inside the block, a run's idle workers keep
+    their resources until the block ends; outside, they release them as soon as no shard is left."""
+    global _warm
+    if _warm is not None:  # nested: the outer block owns the pool
+        yield
+        return
+    _warm = {"pool": None}
+    try:
+        yield
+    finally:
+        pool, _warm = _warm["pool"], None
+        if pool is not None and ray.is_initialized():
+            pool.shutdown()
+
+
+def pool_for(cfg: RunConfig, plan: tuple[int, float], spec: dict[str, Any]) -> "Pool":
+    """The kept pool when it matches `plan` and all its workers answer; else a fresh one."""
+    kept = _warm.pop("pool", None) if _warm is not None else None
+    if kept is not None:
+        if kept.matches(cfg, plan):
+            kept.cfg, kept.runs, kept.keep = cfg, kept.runs + 1, True
+            return kept
+        kept.shutdown()
+    pool = Pool(cfg, plan, spec)
+    pool.keep = _warm is not None
+    return pool
+
+
+def keep_warm(pool: "Pool") -> None:
+    """After a run that ended well: keep its pool inside `warm_workers()`, else shut it down."""
+    if _warm is not None and pool.live() == len(pool.actors):
+        _warm["pool"] = pool
+    else:
+        pool.shutdown()
 
 
 class Run:
@@ -220,7 +269,7 @@ class Scheduler:
                 slot = self.pool.pick(idle, run.run_id)
                 idle.remove(slot)
                 running[self._start(slot, run, shard)] = (slot, run, shard)
-            if not pending and idle:
+            if not pending and idle and not self.pool.keep:
                 self.pool.release(idle)  # nothing left for them: free their CPUs / GPUs for others
                 idle = []
             ready, _ = ray.wait(list(running), num_returns=1, timeout=self.cfg.workers.progress_interval_s)
@@ -313,7 +362,22 @@ class Pool:
         self.nodes: list[str | None] = [None] * size
         self.names: list[str] = [""] * size
         self.serving: list[str | None] = [None] * size  # the run each slot's worker last served
+        self.keep, self.runs = False, 1  # kept for the next run (`warm_workers`); runs served
+        self.job = ray.get_runtime_context().get_job_id()
         self.actors = [self._start(i) for i in range(size)]
+
+    def matches(self, cfg: RunConfig, plan: tuple[int, float]) -> bool:
+        """Whether this pool can serve a run planned as `plan`: same driver connection, same
+        workers and resources each, every worker alive and answering."""
+        if ray.get_runtime_context().get_job_id() != self.job or self.live() != len(self.actors):
+            return False
+        if (len(self.actors), self.num_cpus, self.cfg.workers.num_gpus) != (*plan, cfg.workers.num_gpus):
+            return False
+        try:
+            ray.get([a.progress.remote() for a in self.actors], timeout=10)
+        except Exception:
+            return False
+        return True
 
     def pick(self, idle: list[int], run_id: str) -> int:
         """An idle slot, preferring one whose worker already serves `run_id` (no method rebuild)."""

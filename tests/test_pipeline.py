@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.default_model import small_cnn
-from pipeline.run import run_job, shard_bounds
+from pipeline.run import run_job, shard_bounds, warm_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import DOMAINS  # noqa: E402  (the small stream's domains)
@@ -108,6 +108,38 @@ def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, s
     assert set(analysis["shard"]) == {0, 1}
     # the two shards each start from the source model: shard 1's first batch equals a fresh run on it
     assert json.loads((a / "run.json").read_text())["predict_from"] == "same_forward"
+
+
+def test_warm_workers_serve_the_next_runs_with_the_same_rows(ray_session, small_default, tmp_path):
+    """Inside `warm_workers()` a run whose pool would be the same starts on the last run's workers
+    (a source run in between: no state leaks from one method to the next); a different pool is
+    fresh; the block's end kills the kept workers."""
+    import ray
+
+    def workers(run_dir: Path) -> list[str]:
+        return [w["worker"] for w in json.loads((run_dir / "run.json").read_text())["workers"]]
+
+    with warm_workers():
+        a = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2"))
+        between = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2", "ttt.method=source"))
+        b = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=2"))
+        other = run_job(make_cfg(small_default, tmp_path, "workers.num_workers=1"))
+        kept = workers(other)
+        assert all(ray.get_actor(name) for name in kept)
+    assert workers(a) == workers(between) == workers(b) and set(kept).isdisjoint(workers(a))
+    pd.testing.assert_frame_equal(results_of(a), results_of(b))
+    assert results_of(between)["method"].eq("source").all()
+
+    def alive(name: str) -> bool:
+        try:
+            return ray.get_actor(name) is not None
+        except ValueError:
+            return False
+
+    deadline = time.monotonic() + 20  # ray.kill is asynchronous
+    while any(alive(n) for n in kept) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(n) for n in kept)
 
 
 def test_single_shard_is_one_stream(ray_session, small_default, tmp_path):
