@@ -3,23 +3,28 @@
     .venv/bin/python bench/job_scale.py throughput [--rows 15000] [--repeats 3]
     .venv/bin/python bench/job_scale.py growth [--rows 15000,150000]
     .venv/bin/python bench/job_scale.py lost [--every 1000,20,5] [--rows 3000]
+    .venv/bin/python bench/job_scale.py command [--rows 15000] [--repeats 3]
 
 throughput: Tent on the default stream, the pipeline (1 and 2 workers) against what a user would
   write instead: a plain PyTorch loop with `DataLoader(num_workers=2)` reading the same rows as PNG
   files (the bench writes them), and a plain in-process loop on the inline pixels. Same Tent
   updates, same shards, one torch thread per model. Prints samples/s and the ratios, and where the
-  pipeline's time before the first adapted batch goes. Beyond the stream's 15,000 rows, the stream
-  is repeated with fresh sample ids.
+  pipeline's time before the first adapted batch goes. The pipeline runs on fresh workers (what one
+  `pipeline run` does) and on warm ones (a driver's later runs inside `warm_workers()`). Beyond the
+  stream's 15,000 rows, the stream is repeated with fresh sample ids.
 growth: `source` over a manifest of N rows that point into one .npy of the default stream's digits
   (tiled with fresh sample ids: the CIFAR-C row layout), each size in its own process: wall, rows/s,
   the driver's peak RSS and the workers' peak RSS and USS (private memory).
 lost: kill the worker at a random batch of a 1-shard Tent run, for several `checkpoint_every`
   values: the row the shard went on from (run.json `resumes`), the rows recomputed, and whether the results equal an
   undisturbed run.
+command: the throughput comparison as whole commands timed from outside (`python -m pipeline run`
+  on a running local cluster against the plain loop as its own process).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -48,7 +53,7 @@ import ray  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.manifest import ROW_GROUP_ROWS  # noqa: E402
-from pipeline.run import init_ray, prepare, run_job, shard_bounds  # noqa: E402
+from pipeline.run import init_ray, prepare, run_job, shard_bounds, warm_workers  # noqa: E402
 from ttt import build_method  # noqa: E402
 from ttt.images import ImageSpec, normalise, read_row  # noqa: E402
 from workers.ttt_worker import build_adapter  # noqa: E402
@@ -122,13 +127,19 @@ def plain_loop(cfg, png_manifest: Path | None) -> float:
     return time.perf_counter() - t0
 
 
-def pipeline_run(cfg, workers: int, manifest: str | None = None) -> tuple[float, dict]:
+def pipeline_run(cfg, workers: int, manifest: str | None = None, warm: bool = False) -> tuple[float, dict]:
+    """One pipeline run's wall and summary throughput. `warm`: inside `warm_workers()`, a first
+    run starts the pool (not measured) and the measured run starts on its warm workers."""
     update = {"workers": cfg.workers.model_copy(update={"num_workers": workers})}
     if manifest:
         update["data"] = cfg.data.model_copy(update={"manifest": manifest, "limit": None})
-    t0 = time.perf_counter()
-    run_dir = run_job(cfg.model_copy(update=update))
-    wall = time.perf_counter() - t0
+    run_cfg = cfg.model_copy(update=update)
+    with warm_workers() if warm else contextlib.nullcontext():
+        if warm:
+            run_job(run_cfg)
+        t0 = time.perf_counter()
+        run_dir = run_job(run_cfg)
+        wall = time.perf_counter() - t0
     return wall, json.loads((run_dir / "summary.json").read_text())["throughput"]
 
 
@@ -143,9 +154,13 @@ def throughput(args) -> None:
         "plain loop, PNG files, DataLoader(num_workers=2)": lambda: (plain_loop(cfg, png), None),
         "pipeline, PNG files, 1 worker": lambda: pipeline_run(cfg, 1, str(png)),
         "pipeline, PNG files, 2 workers": lambda: pipeline_run(cfg, 2, str(png)),
+        "pipeline, PNG files, 1 warm worker": lambda: pipeline_run(cfg, 1, str(png), warm=True),
+        "pipeline, PNG files, 2 warm workers": lambda: pipeline_run(cfg, 2, str(png), warm=True),
         "plain loop, inline pixels": lambda: (plain_loop(cfg, None), None),
         "pipeline, inline pixels, 1 worker": lambda: pipeline_run(cfg, 1),
         "pipeline, inline pixels, 2 workers": lambda: pipeline_run(cfg, 2),
+        "pipeline, inline pixels, 1 warm worker": lambda: pipeline_run(cfg, 1, warm=True),
+        "pipeline, inline pixels, 2 warm workers": lambda: pipeline_run(cfg, 2, warm=True),
     }
     walls: dict[str, list[float]] = {k: [] for k in cells}
     phases: dict[str, list[dict]] = {k: [] for k in cells}
@@ -165,11 +180,13 @@ def throughput(args) -> None:
         first = [p["first_step_s"] for p in phases[name] if p.get("first_step_s") is not None]
         print(f"| {name} | {wall:.2f} | {args.rows / wall:.0f} | {statistics.median(first):.2f} |" if first else
               f"| {name} | {wall:.2f} | {args.rows / wall:.0f} | - |")
-    png_plain, inline_plain = med["plain loop, PNG files, DataLoader(num_workers=2)"], med["plain loop, inline pixels"]
-    print(f"\npipeline / plain loop samples/s, PNG, 1 worker: {png_plain / med['pipeline, PNG files, 1 worker']:.2f}")
-    print(f"pipeline / plain loop samples/s, inline, 1 worker: {inline_plain / med['pipeline, inline pixels, 1 worker']:.2f}")
-    print(f"2 workers vs 1, PNG: {med['pipeline, PNG files, 1 worker'] / med['pipeline, PNG files, 2 workers']:.2f}x; "
-          f"inline: {med['pipeline, inline pixels, 1 worker'] / med['pipeline, inline pixels, 2 workers']:.2f}x")
+    plain = {"PNG files": med["plain loop, PNG files, DataLoader(num_workers=2)"],
+             "inline pixels": med["plain loop, inline pixels"]}
+    print()
+    for data, loop in plain.items():
+        for kind in ("worker", "warm worker"):
+            one, two = med[f"pipeline, {data}, 1 {kind}"], med[f"pipeline, {data}, 2 {kind}s"]
+            print(f"{data}, {kind}s: pipeline (1) / plain loop samples/s {loop / one:.2f}; 2 vs 1: {one / two:.2f}x")
     print("\nbefore the first adapted batch (s from the job's start; the worker's process may predate the job: "
           "Ray keeps idle ones):")
     for name in (n for n in cells if n.startswith("pipeline")):
@@ -293,6 +310,58 @@ def lost(args) -> None:
     ray.shutdown()
 
 
+# -- whole commands ----------------------------------------------------------------------------
+def command(args) -> None:
+    """Each side as the command a user types, timed from outside: `python -m pipeline run` joining a
+    running 2-CPU cluster (RAY_ADDRESS; started as README "More than one node" says) against the plain
+    loop as its own `python` process. Both pay their interpreter's imports; the pipeline also pays its
+    driver's checks, fresh worker actors and the summary."""
+    out = Path(tempfile.mkdtemp(prefix="bench-command-"))
+    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"output_root={out}"]))
+    stream = stream_rows(cfg.data.manifest, args.rows, out)
+    png = write_pngs(stream, out)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_idle_worker_killing_time_threshold_ms": "30000"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    env["RAY_ADDRESS"] = "auto"
+    data = {"PNG files": str(png), "inline pixels": str(stream)}
+    cells = {}
+    for name, manifest in data.items():
+        cells[f"plain loop, {name}"] = [sys.executable, __file__, "plain", "--manifest", str(stream)] + (
+            ["--png", manifest] if manifest == str(png) else [])
+        for w in (1, 2):
+            cells[f"pipeline run, {name}, {w} worker(s)"] = [
+                sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/mnistc_tent.yaml"),
+                "--set", f"data.manifest={manifest}", "--set", "data.limit=null", "--set", f"output_root={out}",
+                "--set", f"workers.num_workers={w}"]
+    walls: dict[str, list[float]] = {k: [] for k in cells}
+    try:
+        for rep in range(args.repeats):
+            for name in (list(cells) if rep % 2 == 0 else list(reversed(cells))):
+                t0 = time.perf_counter()
+                subprocess.run(cells[name], cwd=ROOT, env=env, check=True, capture_output=True)
+                walls[name].append(time.perf_counter() - t0)
+                print(f"{name}: {walls[name][-1]:.2f} s", flush=True)
+    finally:
+        subprocess.run([ray_bin, "stop"], env=env, capture_output=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    print(f"\nTent, {args.rows} rows, whole commands, median of {args.repeats} (alternating order)\n")
+    print("| command | wall s | samples/s |\n| --- | --: | --: |")
+    for name, wall in med.items():
+        print(f"| {name} | {wall:.2f} | {args.rows / wall:.0f} |")
+    for name in data:
+        one, two = med[f"pipeline run, {name}, 1 worker(s)"], med[f"pipeline run, {name}, 2 worker(s)"]
+        print(f"{name}: pipeline (1) / plain loop {med[f'plain loop, {name}'] / one:.2f}; 2 vs 1: {one / two:.2f}x")
+
+
+def plain(args) -> None:
+    """The plain loop as its own command (what `command` times)."""
+    cfg = load_config(ROOT / "configs/mnistc_tent.yaml", [f"data.manifest={args.manifest}", "data.limit=null"])
+    cfg = cfg.model_copy(update={"model": prepare(cfg).model})
+    plain_loop(cfg, Path(args.png) if args.png else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -305,8 +374,14 @@ def main() -> None:
     p.add_argument("--every", default="1000,20,5")
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("command")
+    p.add_argument("--rows", type=int, default=15000)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("plain")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--png")
     args = parser.parse_args()
-    {"throughput": throughput, "growth": growth, "lost": lost}[args.what](args)
+    {"throughput": throughput, "growth": growth, "lost": lost, "command": command, "plain": plain}[args.what](args)
 
 
 if __name__ == "__main__":

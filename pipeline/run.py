@@ -10,7 +10,9 @@ adaptation state. The driver commits each chunk atomically (pipeline/outputs.py)
 most two uncommitted chunks per shard (Ray's generator backpressure). A worker that dies is
 replaced (away from its node when another is alive) and its shard goes on from the last commit;
 a driver killed and rerun with the same run_id does the same. The rows equal an undisturbed
-run's, bit for bit, and every restart is printed and counted in run.json.
+run's, bit for bit, and every restart is printed and counted in run.json. Several runs share one
+pool (`run_jobs`, a campaign's cells), and inside `warm_workers()` a driver's later runs start on
+the pool its last run kept.
 """
 from __future__ import annotations
 
