@@ -77,7 +77,6 @@ class TTTWorker:
 
     def __init__(self, spec: dict[str, Any], name: str):
         self.boot = {"process_start": psutil.Process().create_time(), "imported": IMPORTED_AT}
-        torch.set_num_threads(spec["torch_threads"])
         self.device = "cuda" if spec["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
         self.name = name
         self._spec_key: str | None = None
@@ -96,6 +95,7 @@ class TTTWorker:
                          sort_keys=True, default=str)
         if key == self._spec_key:
             return
+        torch.set_num_threads(spec["torch_threads"])  # a warm worker may serve a run with another setting
         model_key = json.dumps(spec["model"], sort_keys=True, default=str)
         model = None
         if spec["model"]["kind"] == "image_classifier":
