@@ -4,6 +4,7 @@
     .venv/bin/python bench/job_scale.py growth [--rows 15000,150000]
     .venv/bin/python bench/job_scale.py lost [--every 1000,20,5] [--rows 3000]
     .venv/bin/python bench/job_scale.py command [--rows 15000] [--repeats 3]
+    .venv/bin/python bench/job_scale.py ceiling [--rows 15000] [--repeats 3]
 
 throughput: Tent on the default stream, the pipeline (1 and 2 workers) against what a user would
   write instead: a plain PyTorch loop with `DataLoader(num_workers=2)` reading the same rows as PNG
@@ -20,6 +21,8 @@ lost: kill the worker at a random batch of a 1-shard Tent run, for several `chec
   undisturbed run.
 command: the throughput comparison as whole commands timed from outside (`python -m pipeline run`
   on a running local cluster against the plain loop as its own process).
+ceiling: what two processes get on this machine: the plain loop on all rows in one process against
+  half the rows in each of two at once (each times its own loop, imports excluded).
 """
 from __future__ import annotations
 
@@ -356,10 +359,36 @@ def command(args) -> None:
 
 
 def plain(args) -> None:
-    """The plain loop as its own command (what `command` times)."""
+    """The plain loop as its own command (what `command` and `ceiling` time); `--half 0|1`: one of
+    the stream's two shards, as its own one-shard run."""
     cfg = load_config(ROOT / "configs/mnistc_tent.yaml", [f"data.manifest={args.manifest}", "data.limit=null"])
     cfg = cfg.model_copy(update={"model": prepare(cfg).model})
-    plain_loop(cfg, Path(args.png) if args.png else None)
+    if args.half is not None:
+        start, end = shard_bounds(pq.read_metadata(args.manifest).num_rows, 2)[args.half]
+        half = Path(tempfile.mkdtemp(prefix="bench-half-")) / "half.parquet"
+        pq.write_table(pq.read_table(args.manifest).slice(start, end - start), half)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": str(half)}),
+                                     "workers": cfg.workers.model_copy(update={"num_shards": 1})})
+    print(f"loop s {plain_loop(cfg, Path(args.png) if args.png else None):.3f}")
+
+
+def ceiling(args) -> None:
+    """What 2 processes can do on this machine: the plain inline loop over all rows in one process
+    against half the rows in each of two processes at once (each its own `plain --half`)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
+    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"output_root={out}"]))
+    stream = stream_rows(cfg.data.manifest, args.rows, out)
+
+    def wall(halves: list[str]) -> float:
+        """The slowest process's loop (each prints its own; the processes start together)."""
+        procs = [subprocess.Popen([sys.executable, __file__, "plain", "--manifest", str(stream), *h], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True) for h in halves]
+        return max(float(p.communicate()[0].split()[-1]) for p in procs)
+
+    for _ in range(args.repeats):
+        one, two = wall([[]]), wall([["--half", "0"], ["--half", "1"]])
+        print(f"Tent loop, one process, {args.rows} rows: {one:.2f} s; two processes, half each, at once: {two:.2f} s; "
+              f"{one / two:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -380,8 +409,13 @@ def main() -> None:
     p = sub.add_parser("plain")
     p.add_argument("--manifest", required=True)
     p.add_argument("--png")
+    p.add_argument("--half", type=int, choices=(0, 1))
+    p = sub.add_parser("ceiling")
+    p.add_argument("--rows", type=int, default=15000)
+    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    {"throughput": throughput, "growth": growth, "lost": lost, "command": command, "plain": plain}[args.what](args)
+    {"throughput": throughput, "growth": growth, "lost": lost, "command": command, "plain": plain,
+     "ceiling": ceiling}[args.what](args)
 
 
 if __name__ == "__main__":
