@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False,
                                                             "object_store_memory": store})
     second = cluster.add_node(num_cpus=cpus, object_store_memory=store)
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=mode == "calm")  # as a job on a cluster prints its workers' logs
     cfg = load_config(config, overrides)
     run_dir = Path(cfg.output_root) / cfg.run_id
     box = {}
@@ -75,6 +75,7 @@ def _run(tmp_path: Path, small_default, cpus: int, mode: str) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(lines[0].split(" ", 1)[1])
+    out["log"] = proc.stdout + proc.stderr
     out["results"] = pd.read_parquet(tmp_path / "runs" / f"{mode}-{cpus}" / "results")
     out["analysis"] = pd.read_parquet(tmp_path / "runs" / f"{mode}-{cpus}" / "analysis")
     return out
@@ -86,6 +87,8 @@ def test_two_nodes_and_a_node_lost_mid_run(small_default, tmp_path, cpus):
     calm = _run(tmp_path, small_default, cpus, "calm")
     assert calm["error"] is None and calm["status"] == "finished"
     assert calm["analysis"]["worker"].nunique() == 2 and len(calm["nodes"]) == 2  # one worker per node (spread)
+    for notice in ("Progress bars disabled", "execution finished", "will hang unless"):  # Ray Data's, from the workers
+        assert notice not in calm["log"], calm["log"][-3000:]
     lost = _run(tmp_path, small_default, cpus, "remove")
     assert lost["removed"] and lost["error"] is None and lost["status"] == "finished", lost
     assert lost["restarts"] >= 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import ray
+import ray.data  # configures its loggers on import: before the worker quiets them
 import torch
 
 from ttt import TTTConfig, build_method
@@ -86,7 +87,9 @@ class TTTWorker:
         self._lock = threading.Lock()
         self._progress = {"shard": None, "rows_done": 0}
         self.node = ray.get_runtime_context().get_node_id()
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver reports progress
+        # the driver reports progress; Ray Data's notices (bars disabled, execution finished) would reach
+        # its terminal from here under `ray job submit` / RAY_ADDRESS, where worker logs go to the driver
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         self.boot["ready"] = time.time()
 
     def configure(self, spec: dict[str, Any]) -> None:
