@@ -1,6 +1,7 @@
-"""Run identity and provenance: unique run ids, package versions, the git commit."""
+"""Run identity and provenance: unique run ids, package versions, the git commit, the source hash."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import secrets
@@ -8,6 +9,8 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ("pipeline", "workers", "ttt", "kb_index")  # the code a run executes
 _PACKAGES = ("torch", "ray", "faiss-cpu", "pyarrow", "pandas", "numpy", "transformers", "peft", "ttt-pipeline")
 
 
@@ -38,3 +41,15 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def source_hash(root: str | os.PathLike = ROOT) -> str:
+    """sha256 over the project's Python sources (each file's path and bytes, in path order): which
+    code ran, recorded also where there is no .git to ask (`ray job submit` uploads the working
+    directory without it). Two runs with the same hash ran the same pipeline, workers and methods."""
+    digest = hashlib.sha256()
+    base = Path(root)
+    for path in sorted(p for d in SOURCE_DIRS for p in (base / d).rglob("*.py")):
+        digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -38,7 +38,7 @@ from pipeline.checks import prepare  # noqa: F401  (the CLI and the harness prep
 from pipeline.config import RunConfig
 from pipeline.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.inputs import InputSpec, count_rows, shard_dataset, warm_up
-from pipeline.meta import git_commit, new_run_id, package_versions
+from pipeline.meta import git_commit, new_run_id, package_versions, source_hash
 from pipeline.outputs import append_log, commit_chunk, committed_shards, load_state, summarise_run, write_json
 from pipeline.progress import Progress
 from pipeline.settings import read_manifest_meta
@@ -558,7 +558,8 @@ def run_info(cfg: RunConfig, run_id: str, resources: dict[str, float], inputs: d
         "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(), "inputs_fingerprint": inputs,
         "manifest_meta": read_manifest_meta(cfg.data.manifest),
         "predict_from": cfg.ttt.predict_from or method_class(cfg.ttt.method, cfg.model.kind).default_predict_from,
-        "versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
+        "versions": package_versions(), "git_commit": git_commit(), "source_hash": source_hash(),
+        "python": platform.python_version(),
         "started_at": _now(), "ended_at": None,
         "counts": {"rows": None, "errors": None, "shards": cfg.workers.num_shards, "restarts": 0},
         "cluster_resources": resources, "error": None,

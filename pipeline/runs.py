@@ -372,7 +372,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     meta, summary = runs[0], runs.summary(0) or {}
     lines = [f"run_dir      {runs.path(0)}"]
     for key in ("run_id", "experiment", "tag", "status", "method", "model", "dataset", "predict_from",
-                "config_hash", "git_commit", "started_at", "ended_at", "error"):
+                "config_hash", "git_commit", "source_hash", "started_at", "ended_at", "error"):
         lines.append(f"{key:<13}{meta.get(key)}")
     lines.append(f"{'counts':<13}{json.dumps(meta.get('counts'))}")
     lines.append(f"{'versions':<13}{json.dumps(meta.get('versions'))}")

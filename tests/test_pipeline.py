@@ -107,7 +107,10 @@ def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, s
     assert analysis["timing_embedding"].isna().all() and (analysis["timing_total"] >= 0).all()
     assert set(analysis["shard"]) == {0, 1}
     # the two shards each start from the source model: shard 1's first batch equals a fresh run on it
-    assert json.loads((a / "run.json").read_text())["predict_from"] == "same_forward"
+    info = json.loads((a / "run.json").read_text())
+    assert info["predict_from"] == "same_forward"
+    from pipeline.meta import source_hash
+    assert info["source_hash"] == source_hash()  # which code ran, with or without .git
 
 
 def test_warm_workers_serve_the_next_runs_with_the_same_rows(ray_session, small_default, tmp_path):

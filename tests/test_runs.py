@@ -251,3 +251,22 @@ def test_cli_list_show_compare(tmp_path: Path, zoo: dict[str, str], capsys) -> N
     assert runs_main(["show", "nope", "--root", str(tmp_path)]) == 2
     assert "matches no run" in capsys.readouterr().err
     assert runs_main(["list", "--root", str(tmp_path / "missing")]) == 2
+
+
+def test_source_hash_names_the_code_that_ran(tmp_path: Path) -> None:
+    """Equal for a copy of the sources (what `ray job submit` uploads, without .git); a one-byte
+    edit changes it; bytecode caches and non-Python files do not."""
+    import shutil
+
+    from pipeline.meta import ROOT, SOURCE_DIRS, source_hash
+
+    for d in SOURCE_DIRS:
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_hash(tmp_path) == source_hash(ROOT)
+    (tmp_path / "ttt" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "ttt" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (tmp_path / "ttt" / "notes.txt").write_text("not code")
+    assert source_hash(tmp_path) == source_hash(ROOT)
+    tent = tmp_path / "ttt" / "methods" / "tent.py"
+    tent.write_bytes(tent.read_bytes() + b"\n")
+    assert source_hash(tmp_path) != source_hash(ROOT)
