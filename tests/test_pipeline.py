@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.default_model import small_cnn
+from pipeline.meta import source_hash
 from pipeline.run import run_job, shard_bounds, warm_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,6 @@ def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, s
     # the two shards each start from the source model: shard 1's first batch equals a fresh run on it
     info = json.loads((a / "run.json").read_text())
     assert info["predict_from"] == "same_forward"
-    from pipeline.meta import source_hash
     assert info["source_hash"] == source_hash()  # which code ran, with or without .git
 
 
