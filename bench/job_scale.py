@@ -5,6 +5,7 @@
     .venv/bin/python bench/job_scale.py lost [--every 1000,20,5] [--rows 3000]
     .venv/bin/python bench/job_scale.py command [--rows 15000] [--repeats 3]
     .venv/bin/python bench/job_scale.py ceiling [--rows 15000] [--repeats 3]
+    .venv/bin/python bench/job_scale.py decode [--rows 15000]
 
 throughput: Tent on the default stream, the pipeline (1 and 2 workers) against what a user would
   write instead: a plain PyTorch loop with `DataLoader(num_workers=2)` reading the same rows as PNG
@@ -23,6 +24,7 @@ command: the throughput comparison as whole commands timed from outside (`python
   on a running local cluster against the plain loop as its own process).
 ceiling: what two processes get on this machine: the plain loop on all rows in one process against
   half the rows in each of two at once (each times its own loop, imports excluded).
+decode: wall and CPU per row of one decode task, inline pixels and PNG files, with and without the read timeout.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.inputs import InputSpec, prepare_block  # noqa: E402
 from pipeline.manifest import ROW_GROUP_ROWS  # noqa: E402
 from pipeline.run import init_ray, prepare, run_job, shard_bounds, warm_workers  # noqa: E402
 from ttt import build_method  # noqa: E402
@@ -391,6 +394,28 @@ def ceiling(args) -> None:
               f"{one / two:.2f}x", flush=True)
 
 
+def decode(args) -> None:
+    """Wall and CPU per row of one decode task (`pipeline.inputs.prepare_block`, in this process, no Ray) on
+    1,024-row blocks of the stream as inline pixels and as PNG files, with and without
+    `data.read_timeout_s` (file rows read under the timeout go through the reader thread)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", [f"output_root={out}"]))
+    stream = stream_rows(cfg.data.manifest, args.rows, out)
+    png = write_pngs(stream, out)
+    blocks = [(lo, min(lo + 1024, args.rows)) for lo in range(1024, args.rows, 1024)]  # block 0 warms the caches
+    for name, manifest in (("inline pixels", stream), ("PNG files", png)):
+        for timeout in (None, 60.0):
+            inputs = InputSpec(manifest=str(manifest), kind="image_classifier", model=cfg.model.model_dump(),
+                               num_classes=10, read_timeout_s=timeout)
+            prepare_block({"lo": np.array([0]), "hi": np.array([1024])}, inputs=inputs)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for lo, hi in blocks:
+                prepare_block({"lo": np.array([lo]), "hi": np.array([hi])}, inputs=inputs)
+            n = sum(hi - lo for lo, hi in blocks)
+            print(f"{name}, read_timeout_s={timeout}: {(time.perf_counter() - wall0) / n * 1e6:.0f} us wall, "
+                  f"{(time.process_time() - cpu0) / n * 1e6:.0f} us CPU per row", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -410,12 +435,14 @@ def main() -> None:
     p.add_argument("--manifest", required=True)
     p.add_argument("--png")
     p.add_argument("--half", type=int, choices=(0, 1))
+    p = sub.add_parser("decode")
+    p.add_argument("--rows", type=int, default=15000)
     p = sub.add_parser("ceiling")
     p.add_argument("--rows", type=int, default=15000)
     p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     {"throughput": throughput, "growth": growth, "lost": lost, "command": command, "plain": plain,
-     "ceiling": ceiling}[args.what](args)
+     "ceiling": ceiling, "decode": decode}[args.what](args)
 
 
 if __name__ == "__main__":
