@@ -19,6 +19,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.run import run_job
 from ttt import TTTConfig, build_method
+from ttt.checkpoint import capture, restore
 from ttt.methods import METHODS
 from workers.adapters import ImageClassifierAdapter
 from workers.models import load_model
@@ -63,6 +64,31 @@ def test_resume_from_any_chunk_equals_the_uninterrupted_stream(small_default, me
         got, want = _comparable(resumed), _comparable(whole[cut:])
         assert got[0] == want[0], f"{method_name}: results differ after resuming at chunk {cut}"
         assert got[1] == want[1], f"{method_name}: analysis differs after resuming at chunk {cut}"
+
+
+def test_a_checkpoint_holds_only_cpu_tensors_and_restores_state_made_after_the_start(small_default):
+    """Checkpoints cross nodes (a GPU worker's shard may go on elsewhere): every tensor is a CPU
+    copy, and a tensor the method created mid-stream (absent from a fresh method) comes back."""
+    model = load_model(FACTORY, str(small_default["checkpoint"]), {}, "cpu")
+    method = build_method(ImageClassifierAdapter(model), TTTConfig(method="tent", batch_size=10, seed=3))
+    method.running_mean = torch.arange(4.0)  # e.g. a moving average a method starts after its first batch
+    state = capture(method)
+    method.running_mean.add_(1.0)  # a capture is a copy, not a view
+    tensors = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, dict):
+            [walk(v) for v in x.values()]
+        elif isinstance(x, (list, tuple)):
+            [walk(v) for v in x]
+    walk(state)
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    fresh = build_method(ImageClassifierAdapter(load_model(FACTORY, str(small_default["checkpoint"]), {}, "cpu")),
+                         TTTConfig(method="tent", batch_size=10, seed=3))
+    restore(fresh, state)
+    assert torch.equal(fresh.running_mean, torch.arange(4.0))
 
 
 DRIVER_SCRIPT = """

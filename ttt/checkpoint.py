@@ -3,11 +3,11 @@
 A continual method carries state from batch to batch: the adapted model (parameters and
 buffers), the optimiser's moments, a teacher or anchor model, random generators, counters and
 moving averages. `capture(method)` walks the method's attributes and copies every piece of
-such state into plain containers of tensors and Python scalars (what `torch.load(...,
-weights_only=True)` reads back); `restore(method, state)` writes it back in place into a method
-built fresh from the same config, so a stream resumed from a checkpoint gives the same rows,
-bit for bit, as one that never stopped. Torch's and NumPy's global generators are included, for
-code that draws from them.
+such state into plain containers of CPU tensors and Python scalars (what `torch.load(...,
+weights_only=True)` reads back on any node, GPU or not); `restore(method, state)` writes it back
+in place into a method built fresh from the same config, so a stream resumed from a checkpoint
+gives the same rows, bit for bit, as one that never stopped. Torch's (CPU and, once used, CUDA)
+and NumPy's global generators are included, for code that draws from them (dropout on a GPU).
 
 What is skipped: the adapter, config and services (rebuilt from the config; also where a method
 keeps a service under its own name, e.g. nn's `kb`), the source
@@ -44,6 +44,7 @@ def capture(method: Any) -> dict[str, Any]:
         attrs = {name: _capture(value, name) for name, value in vars(method).items()
                  if name not in SKIP and id(value) not in services and not _holds_parameters(value)}
     return {"attrs": attrs, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "numpy_rng": _numpy_global_state()}
 
 
@@ -56,6 +57,9 @@ def restore(method: Any, state: dict[str, Any]) -> None:
         for name, saved in attrs.items():
             setattr(method, name, _restore(getattr(method, name, None), saved, name))
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     np.random.set_state(_numpy_state_tuple(state["numpy_rng"]))
 
 
@@ -71,7 +75,7 @@ def _capture(value: Any, where: str) -> Any:
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, nn.Module):
-        return {"__module__": {k: v.detach().clone() for k, v in value.state_dict().items()}}
+        return {"__module__": {k: _cpu_copy(v) for k, v in value.state_dict().items()}}
     if isinstance(value, torch.optim.Optimizer):
         return {"__optimizer__": _clone_tree(value.state_dict())}
     if isinstance(value, torch.Generator):
@@ -79,7 +83,7 @@ def _capture(value: Any, where: str) -> Any:
     if isinstance(value, np.random.Generator):
         return {"__np_generator__": _clone_tree(value.bit_generator.state)}
     if isinstance(value, torch.Tensor):
-        return {"__tensor__": value.detach().clone()}
+        return {"__tensor__": _cpu_copy(value), "device": str(value.device)}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": torch.from_numpy(np.array(value))}
     if isinstance(value, np.generic):
@@ -118,7 +122,7 @@ def _restore(current: Any, saved: Any, where: str) -> Any:
             with torch.no_grad():
                 current.copy_(saved["__tensor__"])
             return current
-        return saved["__tensor__"].clone()
+        return saved["__tensor__"].to(_device(saved.get("device", "cpu")), copy=True)
     if "__ndarray__" in saved:
         return saved["__ndarray__"].numpy().copy()
     if "__list__" in saved:
@@ -152,9 +156,21 @@ def _new(ref: str) -> Any:
     return cls.__new__(cls)
 
 
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU: load_state_dict and `_restore` move it back to where the state lives."""
+    return t.detach().to("cpu", copy=True)
+
+
+def _device(name: str) -> torch.device:
+    """Where a restored tensor that had no counterpart goes: its own device when this process has
+    one of that type, else the CPU."""
+    dev = torch.device(name)
+    return dev if dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_available()) else torch.device("cpu")
+
+
 def _clone_tree(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        return _cpu_copy(obj)
     if isinstance(obj, dict):
         return {k: _clone_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
