@@ -6,6 +6,7 @@
     .venv/bin/python bench/job_scale.py command [--rows 15000] [--repeats 3]
     .venv/bin/python bench/job_scale.py ceiling [--rows 15000] [--repeats 3]
     .venv/bin/python bench/job_scale.py decode [--rows 15000]
+    .venv/bin/python bench/job_scale.py boot [--repeats 5]
 
 throughput: Tent on the default stream, the pipeline (1 and 2 workers) against what a user would
   write instead: a plain PyTorch loop with `DataLoader(num_workers=2)` reading the same rows as PNG
@@ -25,6 +26,10 @@ command: the throughput comparison as whole commands timed from outside (`python
 ceiling: what two processes get on this machine: the plain loop on all rows in one process against
   half the rows in each of two at once (each times its own loop, imports excluded).
 decode: wall and CPU per row of one decode task, inline pixels and PNG files, with and without the read timeout.
+boot: what a fresh worker process does before its first Tent step, each part timed in a new
+  process as Ray starts one (Ray imported): torch, the rest of the worker module, the model, the
+  method (its first optimiser imports torch._dynamo), the first step. The floor under any run that
+  starts new worker processes.
 """
 from __future__ import annotations
 
@@ -416,6 +421,45 @@ def decode(args) -> None:
                   f"{(time.process_time() - cpu0) / n * 1e6:.0f} us CPU per row", flush=True)
 
 
+BOOT_CHILD = """
+import json, sys, time
+t = [time.perf_counter()]
+import ray
+t.append(time.perf_counter())
+import torch
+t.append(time.perf_counter())
+sys.path.insert(0, sys.argv[1])
+from ttt import TTTConfig, build_method
+from workers.ttt_worker import build_adapter
+t.append(time.perf_counter())
+torch.set_num_threads(1)
+model, ttt = json.loads(sys.argv[2]), TTTConfig.model_validate_json(sys.argv[3])
+adapter = build_adapter(model, "cpu")
+t.append(time.perf_counter())
+method = build_method(adapter, ttt)
+t.append(time.perf_counter())
+method.step(torch.rand(ttt.batch_size, *adapter.spec.shape))
+t.append(time.perf_counter())
+print(" ".join(f"{b - a:.3f}" for a, b in zip(t, t[1:])))
+"""
+BOOT_PARTS = ("import ray", "import torch", "the rest of the worker module (ray.data, pandas, faiss, ...)",
+              "load the model", "build the method (first optimiser: torch._dynamo)", "first Tent step (batch 200)")
+
+
+def boot(args) -> None:
+    """Each part of a fresh worker's boot, median over `--repeats` new processes (run one at a time)."""
+    cfg = prepare(load_config(ROOT / "configs/mnistc_tent.yaml", []))
+    runs = []
+    for _ in range(args.repeats):
+        out = subprocess.run([sys.executable, "-c", BOOT_CHILD, str(ROOT), json.dumps(cfg.model.model_dump(mode="json")),
+                              cfg.ttt.model_dump_json()], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        runs.append([float(x) for x in out.split()[-len(BOOT_PARTS):]])
+    print(f"a fresh worker process's boot, median of {args.repeats} processes (s):")
+    for i, part in enumerate(BOOT_PARTS):
+        print(f"  {part}: {statistics.median(r[i] for r in runs):.2f}")
+    print(f"  after Ray's own import, to the first step: {statistics.median(sum(r[1:]) for r in runs):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -437,12 +481,14 @@ def main() -> None:
     p.add_argument("--half", type=int, choices=(0, 1))
     p = sub.add_parser("decode")
     p.add_argument("--rows", type=int, default=15000)
+    p = sub.add_parser("boot")
+    p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("ceiling")
     p.add_argument("--rows", type=int, default=15000)
     p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     {"throughput": throughput, "growth": growth, "lost": lost, "command": command, "plain": plain,
-     "ceiling": ceiling, "decode": decode}[args.what](args)
+     "ceiling": ceiling, "decode": decode, "boot": boot}[args.what](args)
 
 
 if __name__ == "__main__":

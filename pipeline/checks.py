@@ -102,23 +102,48 @@ def check_kb_info(cfg: RunConfig, info: dict[str, Any]) -> None:
         raise ConfigError(f"kb.index={cfg.kb.index} but the KB at {cfg.kb.dir} is {info['index']['type']}")
 
 
+def changed_fields(before: dict[str, Any] | None, cfg: RunConfig) -> str:
+    """The results-fixing fields whose values differ from the config `before` (run.json's), as
+    `field: old -> new`, or the two hashes when `before` cannot be read as a config."""
+    try:
+        old = RunConfig.model_validate(before).results_key()
+    except (ValueError, TypeError):
+        return f"config hash {cfg.config_hash()} differs from the run's"
+    new = cfg.results_key()
+    diffs = [f"{_dotted(path)}: {a!r} -> {b!r}" for path, a, b in _differences(old, new, ())]
+    if not diffs:
+        return f"config hash {cfg.config_hash()} differs from the run's"
+    return "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+
+
+def _differences(a: Any, b: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), (*path, str(k)))]
+    return [] if a == b else [(path, a, b)]
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(("workers", *path) if path[0] in ("num_shards", "precision") else path)
+
+
 def check_gpus(cfg: RunConfig, resources: dict[str, float]) -> None:
     if cfg.workers.num_gpus > 0 and resources.get("GPU", 0.0) < cfg.workers.num_gpus:
         raise ConfigError(f"workers.num_gpus={cfg.workers.num_gpus:g} but the cluster has "
                           f"{resources.get('GPU', 0.0):g} GPU(s); set workers.num_gpus=0 to run on CPUs")
 
 
-def check_resume(run_dir: Path, config_hash: str, inputs: dict[str, Any]) -> None:
-    """A rerun into an existing run directory must have the same config and the same input content."""
+def check_resume(run_dir: Path, cfg: RunConfig, inputs: dict[str, Any]) -> None:
+    """A rerun into an existing run directory must have the same config and the same input content;
+    a refusal names the fields that differ."""
     if not (run_dir / "run.json").exists():
         return
     try:
         previous = json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"run directory {run_dir}: run.json is unreadable ({exc}); choose another run_id") from None
-    if previous.get("config_hash") != config_hash:
-        raise ConfigError(f"run directory {run_dir} holds config hash {previous.get('config_hash')}, "
-                          f"this config has {config_hash}: choose another run_id")
+    if previous.get("config_hash") != cfg.config_hash():
+        raise ConfigError(f"run directory {run_dir} was started with another config "
+                          f"({changed_fields(previous.get('config'), cfg)}): choose another run_id")
     before = previous.get("inputs_fingerprint") or {}
     changed = [k for k in ("manifest", "model") if before.get(k) != inputs.get(k)]
     if changed:

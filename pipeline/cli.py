@@ -9,7 +9,7 @@ import importlib
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.outputs import DiskFullError
+from pipeline.outputs import DiskFullError, RunFailed
 
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
@@ -110,6 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    except DiskFullError as exc:  # run.json says failed; a rerun with the same run_id resumes
+    except (DiskFullError, RunFailed) as exc:  # run.json says failed; a rerun with the same run_id resumes
         print(f"error: {exc}", file=sys.stderr)
         return 1

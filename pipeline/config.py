@@ -139,18 +139,22 @@ class RunConfig(_Strict):
     workers: WorkerConfig = WorkerConfig()
     kb: KBConfig = KBConfig()  # used by method nn only
 
-    def config_hash(self) -> str:
-        """What fixes the results: data, model, method and shard count (not workers or paths)."""
+    def results_key(self) -> dict[str, Any]:
+        """What fixes the results: data, model, method, shard count and precision (not the other
+        workers settings or where outputs go), as JSON values."""
         key = {
             "data": self.data.model_dump(),
             "model": self.model.model_dump(),
             "ttt": self.ttt.model_dump(exclude={"log_out"}),
-            "num_shards": self.workers.num_shards,
-            "precision": self.workers.precision,
+            "num_shards": self.workers.num_shards,  # workers.num_shards and workers.precision, top level
+            "precision": self.workers.precision,     # as the first version hashed them (old runs resume)
         }
         if self.ttt.method == "nn":  # the KB changes nn's results; other methods never read it
             key["kb"] = self.kb.model_dump(include={"dir", "index", "nprobe", "ef_search"})
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json.loads(json.dumps(key, default=str))
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.results_key(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, where: str = "--set",

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +24,12 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class DiskFullError(OSError):
     """The run's output could not be written for lack of space; one line, resumable."""
+
+
+class RunFailed(RuntimeError):
+    """A run the job gave up on (a shard's worker died `workers.max_shard_attempts` times, or no
+    row was done for `workers.stall_timeout_s`): run.json says failed, and a rerun with the same
+    run_id goes on from each shard's last commit. The message is one line."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -119,11 +125,13 @@ def commit_chunk(run_dir: Path, chunk: dict[str, Any], previous: dict[str, Any] 
     return commit
 
 
-def committed_shards(run_dir: Path, fingerprint: str) -> dict[int, dict[str, Any]]:
+def committed_shards(run_dir: Path, fingerprint: str,
+                     warn: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
     """Each shard's last commit that carries `fingerprint` and whose parts read back with the
     committed row count. Everything not covered by such a commit (parts of later chunks, parts of
     a shard whose commit does not hold, stale checkpoints, temporary files) is removed, so the
-    shard goes on from that commit (or from its first row) and no row is written twice."""
+    shard goes on from that commit (or from its first row) and no row is written twice; `warn`
+    hears of each commit dropped, and why."""
     commits: dict[int, dict[str, Any]] = {}
     for marker in (run_dir / "results").glob("_COMMIT-*.json"):
         try:
@@ -131,12 +139,22 @@ def committed_shards(run_dir: Path, fingerprint: str) -> dict[int, dict[str, Any
             shard = int(info["shard"])
         except (OSError, ValueError, KeyError, TypeError):
             marker.unlink(missing_ok=True)
+            if warn is not None:
+                warn(f"WARNING: {marker} is unreadable: dropped, its shard starts again from its first row")
             continue
-        state_ok = info.get("state") is None or (run_dir / "state" / info["state"]).is_file()
-        if info.get("config_hash") == fingerprint and state_ok and _chunks_read_back(run_dir, shard, info):
-            commits[shard] = info
+        if info.get("config_hash") != fingerprint:
+            why = "it was written for another config or other inputs"
+        elif not (info.get("state") is None or (run_dir / "state" / info["state"]).is_file()):
+            why = f"its checkpoint state/{info['state']} is missing"
+        elif not _chunks_read_back(run_dir, shard, info):
+            why = "its parts do not read back with the committed row count (a part is missing or damaged)"
         else:
-            marker.unlink(missing_ok=True)
+            commits[shard] = info
+            continue
+        marker.unlink(missing_ok=True)
+        if warn is not None:
+            warn(f"WARNING: the commit of shard {shard} ({marker.name}, row {info.get('offset')}) does not hold: "
+                 f"{why}; the shard starts again from its first row")
     _remove_uncommitted(run_dir, commits)
     return commits
 

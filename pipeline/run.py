@@ -39,7 +39,8 @@ from pipeline.config import RunConfig
 from pipeline.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.inputs import InputSpec, count_rows, shard_dataset, warm_up
 from pipeline.meta import git_commit, new_run_id, package_versions, source_hash
-from pipeline.outputs import append_log, commit_chunk, committed_shards, load_state, summarise_run, write_json
+from pipeline.outputs import (RunFailed, append_log, commit_chunk, committed_shards, load_state, summarise_run,
+                              write_json)
 from pipeline.progress import Progress
 from pipeline.settings import read_manifest_meta
 from ttt.methods import method_class
@@ -91,8 +92,9 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
                 finished(run)
         if pending:
             threading.Thread(target=warm_up, args=(pending[0][0].inputs_spec,), daemon=True).start()
-            lead = runs[0].cfg
-            pool = pool_for(lead, worker_plan(lead, resources, len(pending)), runs[0].worker_spec)
+            lead_run = pending[0][0]  # runs finished by an earlier driver hold no worker spec
+            lead = lead_run.cfg
+            pool = pool_for(lead, worker_plan(lead, resources, len(pending)), lead_run.worker_spec)
             log(f"{len(pending)} shard(s) of {sum(1 for r in runs if r.todo)} run(s) on {len(pool.actors)} "
                 f"{'warm ' if pool.runs > 1 else ''}worker(s), checkpoint every {lead.workers.checkpoint_every} batches")
             Scheduler(lead, pool, on_run_done=finished).run(pending)
@@ -168,27 +170,44 @@ class Run:
         run.run_dir = Path(cfg.output_root) / run.run_id
         run.inputs = inputs_fingerprint(cfg.data.manifest, cfg.model.model_dump())
         run.fingerprint = run_fingerprint(cfg.config_hash(), run.inputs)  # what each shard's commit records
-        check_resume(run.run_dir, cfg.config_hash(), run.inputs)
+        check_resume(run.run_dir, cfg, run.inputs)
         run.shared, run.status = None, "prepared"
         return run
 
     def open(self, resources: dict[str, float]) -> None:
-        """Create the run directory and run.json; find what is already committed."""
+        """Create the run directory and run.json (a resumed run's keeps its history); find what is
+        already committed."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.info = run_info(cfg.model_copy(update={"run_id": self.run_id}), self.run_id, resources, self.inputs)
-        write_json(self.run_dir / "run.json", self.info)
-        self.status = "running"
         n_rows = count_rows(cfg.data.manifest, cfg.data.limit)
         self.bounds = shard_bounds(n_rows, cfg.workers.num_shards)
-        self.commits = committed_shards(self.run_dir, self.fingerprint)
+        self.commits = committed_shards(self.run_dir, self.fingerprint, warn=log)
         self.todo = [s for s, (a, b) in enumerate(self.bounds) if b > a and not self.commits.get(s, {}).get("done")]
         self.resumed = {s: c["offset"] for s, c in self.commits.items() if s in self.todo}
+        log(f"run {self.run_id}: {n_rows} rows, {len(self.bounds)} shards, method {cfg.ttt.method}")
+        earlier = read_run_json(self.run_dir)
+        if earlier is not None and earlier.get("status") == "finished" and not self.todo \
+                and (self.run_dir / "summary.json").exists():
+            log(f"{self.run_id} is finished already: {self.run_dir} is left as it is")
+            self.info, self.status, self.shared = earlier, "finished", None
+            return
         if self.commits:
             where = "".join(f", shard {s} from row {o}" for s, o in self.resumed.items())
             log(f"resuming {self.run_id}: {len(self.bounds) - len(self.todo)} shard(s) done{where}, "
                 f"{len(self.todo)} to go")
-        log(f"run {self.run_id}: {n_rows} rows, {len(self.bounds)} shards, method {cfg.ttt.method}")
+        self.info = run_info(cfg.model_copy(update={"run_id": self.run_id}), self.run_id, resources, self.inputs)
+        # a resumed run's record keeps what its earlier drivers saw; each driver restart that went
+        # on mid-shard is a resume like a worker's
+        self.history = {"resumes": (earlier or {}).get("resumes") or [], "workers": (earlier or {}).get("workers") or []}
+        self.history["resumes"] += [{"run_id": self.run_id, "shard": s, "from_row": o, "worker": None,
+                                     "error": "driver restarted"} for s, o in self.resumed.items() if o > 0]
+        if earlier is not None:  # started_at stays the first driver's; resumed_at lists the later ones
+            self.info["resumed_at"] = [*(earlier.get("resumed_at") or []), self.info["started_at"]]
+            self.info["started_at"] = earlier.get("started_at", self.info["started_at"])
+        self.info["counts"]["restarts"] = restarts(self.history["resumes"])
+        self.info.update(resumes=self.history["resumes"], workers=self.history["workers"])
+        write_json(self.run_dir / "run.json", self.info)
+        self.status = "running"
         self.shared = SharedActors(cfg, self.run_id) if self.todo else None
         self.inputs_spec = InputSpec(
             manifest=cfg.data.manifest, kind=cfg.model.kind, model=cfg.model.model_dump(),
@@ -206,6 +225,8 @@ class Run:
 
     def finish(self, pool: "Pool | None", timing: dict[str, float]) -> None:
         """All shards committed: summary.json, run.json `finished`."""
+        if self.status == "finished":  # finished by an earlier driver: nothing new to record
+            return
         summary = summarise_run(self.run_dir)
         wall = time.perf_counter() - self.t0
         processed = sum(self.bounds[s][1] - self.bounds[s][0] - self.resumed.get(s, 0) for s in self.todo)
@@ -218,22 +239,27 @@ class Run:
             "startup": startup_breakdown(self.first_timeline, timing["started_at"])}
         summary["cache"] = self.shared.cache_stats() if self.shared is not None else None
         write_json(self.run_dir / "summary.json", summary)
-        mine = [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
+        resumes = self._resumes(pool)
         self.info.update(status="finished", ended_at=_now(), output_dir=str(self.run_dir.resolve()),
                          counts={"rows": summary["overall"]["n"], "errors": summary["overall"]["errors_rows"],
-                                 "shards": len(self.bounds), "restarts": len(mine)},
-                         resumes=mine, workers=pool.placement() if pool else [])
+                                 "shards": len(self.bounds), "restarts": restarts(resumes)},
+                         resumes=resumes, workers=self.history["workers"] + (pool.placement() if pool else []))
         write_json(self.run_dir / "run.json", self.info)
         self.status = "finished"
         if self.shared is not None:
             self.shared.shutdown()
             self.shared = None
 
+    def _resumes(self, pool: "Pool | None") -> list[dict[str, Any]]:
+        """Every resume of this run: earlier drivers', this driver's restart, this driver's workers'."""
+        return self.history["resumes"] + [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
+
     def fail(self, exc: BaseException, pool: "Pool | None") -> None:
         if self.status != "running":
             return
-        self.info.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
-        self.info["counts"]["restarts"] = len([r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id])
+        resumes = self._resumes(pool)
+        self.info.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}", resumes=resumes)
+        self.info["counts"]["restarts"] = restarts(resumes)
         try:
             write_json(self.run_dir / "run.json", self.info)
         except OSError as write_exc:  # a full disk may refuse even this small file
@@ -295,8 +321,8 @@ class Scheduler:
                 last_change = time.monotonic()
             if running and time.monotonic() - last_change > self.cfg.workers.stall_timeout_s:
                 waiting = ", ".join(f"shard {s} of {r.run_id} on {self.pool.name(slot)}" for slot, r, s in running.values())
-                raise RuntimeError(f"no row done for {self.cfg.workers.stall_timeout_s:g} s "
-                                   f"(workers.stall_timeout_s): waiting for {waiting}")
+                raise RunFailed(f"no row done for {self.cfg.workers.stall_timeout_s:g} s "
+                                f"(workers.stall_timeout_s): waiting for {waiting}")
         self.progress.finish()
 
     def _start(self, slot: int, run: Run, shard: int) -> Any:
@@ -334,13 +360,17 @@ class Scheduler:
 
     def _worker_died(self, slot: int, run: Run, shard: int, exc: BaseException) -> None:
         attempt = self.attempts.get((run.run_id, shard), 1)
-        if attempt >= self.cfg.workers.max_shard_attempts:
-            raise RuntimeError(f"shard {shard} of {run.run_id} failed {attempt} times (workers.max_shard_attempts); "
-                               f"last: {type(exc).__name__}") from exc
         commit = run.commits.get(shard)
         resume_at = commit["offset"] if commit else 0
-        self.pool.resumes.append({"run_id": run.run_id, "shard": shard, "from_row": resume_at,
-                                  "worker": self.pool.name(slot), "error": type(exc).__name__})
+        death = {"run_id": run.run_id, "shard": shard, "from_row": resume_at, "worker": self.pool.name(slot),
+                 "error": type(exc).__name__}
+        if attempt >= self.cfg.workers.max_shard_attempts:
+            self.pool.resumes.append({**death, "from_row": None, "gave_up": True})  # run.json records the last death too
+            raise RunFailed(f"shard {shard} of {run.run_id} failed {attempt} time(s) "
+                            f"(workers.max_shard_attempts={self.cfg.workers.max_shard_attempts}); last: "
+                            f"{type(exc).__name__} on {self.pool.name(slot)}; a rerun with run_id={run.run_id} "
+                            f"goes on from row {resume_at} of the shard") from exc
+        self.pool.resumes.append(death)
         log(f"WARNING: worker {self.pool.name(slot)} died on shard {shard} of {run.run_id} ({type(exc).__name__}); "
             f"a fresh worker goes on from row {resume_at} of the shard (its last commit); "
             f"attempt {attempt + 1} of {self.cfg.workers.max_shard_attempts}")
@@ -528,6 +558,17 @@ def worker_plan(cfg: RunConfig, resources: dict[str, float], shards_left: int) -
         n = min(n, max(1, int(resources.get("GPU", 0.0) // cfg.workers.num_gpus)))
     n = max(1, min(n, shards_left))
     return n, min(per, budget / n)
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    """An existing run.json (check_resume has read it already, so it parses), else None."""
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def restarts(resumes: list[dict[str, Any]]) -> int:
+    """How many times a shard went on after a worker or driver died (a death the run gave up on is not one)."""
+    return sum(1 for r in resumes if not r.get("gave_up"))
 
 
 def startup_breakdown(timeline: dict[str, float] | None, started_at: float) -> dict[str, float] | None:

@@ -134,6 +134,10 @@ def test_driver_killed_mid_shard_resumes_from_the_last_commit(small_default, tmp
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
     assert not list((tmp_path / "runs" / "killed").rglob("*.tmp"))
     assert not list((tmp_path / "runs" / "killed" / "state").glob("*"))  # finished shards keep no checkpoint
+    record = json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())
+    went_on = [r for r in record["resumes"] if r["error"] == "driver restarted"]
+    assert went_on and all(r["from_row"] > 0 for r in went_on) and record["counts"]["restarts"] >= len(went_on)
+    assert len(record["resumed_at"]) == 1 and record["started_at"] < record["resumed_at"][0]
 
 
 def test_bf16_autocast_runs_on_cpu(ray_session, small_default, tmp_path):

@@ -20,6 +20,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.default_model import small_cnn
 from pipeline.meta import source_hash
+from pipeline.outputs import RunFailed
 from pipeline.run import run_job, shard_bounds, warm_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +193,25 @@ def test_resume_skips_written_shards(ray_session, small_default, tmp_path):
     run_job(cfg)
     assert kept.stat().st_mtime_ns == kept_mtime  # shard 0 was not recomputed
     pd.testing.assert_frame_equal(results_of(run_dir), full)
-    with pytest.raises(ConfigError, match="config hash"):
+    with pytest.raises(ConfigError, match=r"another config \(ttt\.lr: [0-9.e-]+ -> 0\.01\)"):
         run_job(make_cfg(small_default, tmp_path, "run_id=resume-test", "ttt.lr=0.01"))
+
+
+def _stop_worker_mid_shard(ray, prefix: str, sig: int) -> bool:
+    """Send `sig` to the first worker named `prefix*` once it has done a row; True when sent."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
+        if names:
+            try:
+                actor = ray.get_actor(names[0])
+                if ray.get(actor.progress.remote(), timeout=5)["rows_done"] > 0:
+                    os.kill(ray.get(actor.info.remote(), timeout=5)["pid"], sig)
+                    return True
+            except Exception:
+                pass
+        time.sleep(0.05)
+    return False
 
 
 def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_default, tmp_path):
@@ -203,25 +221,90 @@ def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_defa
     box = {}
     thread = threading.Thread(target=lambda: box.update(run_dir=run_job(cfg)))
     thread.start()
-    ray = ray_session
-    killed = False
-    deadline = time.time() + 120
-    while not killed and time.time() < deadline:
-        names = [n for n in ray.util.list_named_actors() if n.startswith("ttt-killed-w0")]
-        if names:
-            try:
-                actor = ray.get_actor(names[0])
-                if ray.get(actor.progress.remote(), timeout=5)["rows_done"] > 0:
-                    os.kill(ray.get(actor.info.remote(), timeout=5)["pid"], signal.SIGKILL)
-                    killed = True
-            except Exception:
-                pass
-        time.sleep(0.05)
+    killed = _stop_worker_mid_shard(ray_session, "ttt-killed-w0", signal.SIGKILL)
     thread.join(timeout=300)
     assert killed, "never caught the worker mid-shard"
     run = json.loads((box["run_dir"] / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["restarts"] >= 1
     pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
+
+
+def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session, small_default, tmp_path):
+    """A worker that stops answering (SIGSTOP: a hung device or file system) fails the run after
+    workers.stall_timeout_s with one line naming the shard and the worker; run.json says failed;
+    the same command again goes on from the last commits and equals an undisturbed run."""
+    slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
+    reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
+    cfg = make_cfg(small_default, tmp_path, "run_id=hung", "workers.stall_timeout_s=4", *slow)
+    box = {}
+
+    def drive():
+        try:
+            run_job(cfg)
+        except Exception as exc:
+            box["exc"] = exc
+    thread = threading.Thread(target=drive)
+    thread.start()
+    assert _stop_worker_mid_shard(ray_session, "ttt-hung-w0", signal.SIGSTOP), "never caught the worker mid-shard"
+    thread.join(timeout=120)
+    exc = box.get("exc")
+    assert isinstance(exc, RunFailed), exc
+    assert "\n" not in str(exc) and "workers.stall_timeout_s" in str(exc) and "shard" in str(exc)
+    assert "ttt-hung-w0" in str(exc)
+    record = json.loads((tmp_path / "runs" / "hung" / "run.json").read_text())
+    assert record["status"] == "failed" and "stall_timeout_s" in record["error"]
+    run_dir = run_job(cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"stall_timeout_s": 600.0})}))
+    pd.testing.assert_frame_equal(results_of(run_dir), reference)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_run_out_of_attempts_records_the_death_and_a_rerun_goes_on(ray_session, small_default, tmp_path):
+    """workers.max_shard_attempts=1: the first worker death fails the run (one line, exit 1 from the
+    CLI), run.json records that death; a rerun goes on and equals an undisturbed run."""
+    slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
+    reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
+    cfg = make_cfg(small_default, tmp_path, "run_id=once", "workers.max_shard_attempts=1", *slow)
+    box = {}
+
+    def drive():
+        try:
+            run_job(cfg)
+        except Exception as exc:
+            box["exc"] = exc
+    thread = threading.Thread(target=drive)
+    thread.start()
+    assert _stop_worker_mid_shard(ray_session, "ttt-once-w0", signal.SIGKILL), "never caught the worker mid-shard"
+    thread.join(timeout=120)
+    assert isinstance(box.get("exc"), RunFailed) and "max_shard_attempts=1" in str(box["exc"]), box.get("exc")
+    record = json.loads((tmp_path / "runs" / "once" / "run.json").read_text())
+    assert record["status"] == "failed" and record["counts"]["restarts"] == 0
+    assert [r["gave_up"] for r in record["resumes"]] == [True] and record["resumes"][0]["worker"].startswith("ttt-once-w0")
+    run_dir = run_job(cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"max_shard_attempts": 3})}))
+    pd.testing.assert_frame_equal(results_of(run_dir), reference)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["resumes"][0]["gave_up"]  # the history is kept
+
+
+def test_rerunning_a_finished_run_leaves_its_records_alone(ray_session, small_default, tmp_path):
+    cfg = make_cfg(small_default, tmp_path, "run_id=done-once", "data.limit=40")
+    run_dir = run_job(cfg)
+    before = {name: (run_dir / name).read_bytes() for name in ("run.json", "summary.json")}
+    assert run_job(cfg) == run_dir
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_a_damaged_committed_part_is_named_and_its_shard_done_again(ray_session, small_default, tmp_path, capsys):
+    cfg = make_cfg(small_default, tmp_path, "run_id=damaged", "data.limit=80", "ttt.batch_size=10",
+                   "workers.checkpoint_every=1")
+    run_dir = run_job(cfg)
+    reference = results_of(run_dir)
+    part = run_dir / "results" / "part-00000-00001.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # a torn copy, say
+    capsys.readouterr()
+    run_job(cfg)
+    out = capsys.readouterr().out
+    assert "WARNING: the commit of shard 0" in out and "do not read back" in out
+    pd.testing.assert_frame_equal(results_of(run_dir), reference)
 
 
 def test_notebook_example_compares_three_real_runs(ray_session, small_default, tmp_path):
