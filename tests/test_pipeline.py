@@ -229,13 +229,8 @@ def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_defa
     pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
 
 
-def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session, small_default, tmp_path):
-    """A worker that stops answering (SIGSTOP: a hung device or file system) fails the run after
-    workers.stall_timeout_s with one line naming the shard and the worker; run.json says failed;
-    the same command again goes on from the last commits and equals an undisturbed run."""
-    slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
-    reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
-    cfg = make_cfg(small_default, tmp_path, "run_id=hung", "workers.stall_timeout_s=4", *slow)
+def _run_signalling_the_worker(ray, cfg, sig: int) -> BaseException | None:
+    """Run `cfg` (one worker) in a thread, send `sig` to its worker mid-shard; what the run raised."""
     box = {}
 
     def drive():
@@ -245,9 +240,19 @@ def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session
             box["exc"] = exc
     thread = threading.Thread(target=drive)
     thread.start()
-    assert _stop_worker_mid_shard(ray_session, "ttt-hung-w0", signal.SIGSTOP), "never caught the worker mid-shard"
+    assert _stop_worker_mid_shard(ray, f"ttt-{cfg.run_id}-w0", sig), "never caught the worker mid-shard"
     thread.join(timeout=120)
-    exc = box.get("exc")
+    return box.get("exc")
+
+
+def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session, small_default, tmp_path):
+    """A worker that stops answering (SIGSTOP: a hung device or file system) fails the run after
+    workers.stall_timeout_s with one line naming the shard and the worker; run.json says failed;
+    the same command again goes on from the last commits and equals an undisturbed run."""
+    slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
+    reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
+    cfg = make_cfg(small_default, tmp_path, "run_id=hung", "workers.stall_timeout_s=4", *slow)
+    exc = _run_signalling_the_worker(ray_session, cfg, signal.SIGSTOP)
     assert isinstance(exc, RunFailed), exc
     assert "\n" not in str(exc) and "workers.stall_timeout_s" in str(exc) and "shard" in str(exc)
     assert "ttt-hung-w0" in str(exc)
@@ -264,18 +269,8 @@ def test_a_run_out_of_attempts_records_the_death_and_a_rerun_goes_on(ray_session
     slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
     reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
     cfg = make_cfg(small_default, tmp_path, "run_id=once", "workers.max_shard_attempts=1", *slow)
-    box = {}
-
-    def drive():
-        try:
-            run_job(cfg)
-        except Exception as exc:
-            box["exc"] = exc
-    thread = threading.Thread(target=drive)
-    thread.start()
-    assert _stop_worker_mid_shard(ray_session, "ttt-once-w0", signal.SIGKILL), "never caught the worker mid-shard"
-    thread.join(timeout=120)
-    assert isinstance(box.get("exc"), RunFailed) and "max_shard_attempts=1" in str(box["exc"]), box.get("exc")
+    exc = _run_signalling_the_worker(ray_session, cfg, signal.SIGKILL)
+    assert isinstance(exc, RunFailed) and "max_shard_attempts=1" in str(exc), exc
     record = json.loads((tmp_path / "runs" / "once" / "run.json").read_text())
     assert record["status"] == "failed" and record["counts"]["restarts"] == 0
     assert [r["gave_up"] for r in record["resumes"]] == [True] and record["resumes"][0]["worker"].startswith("ttt-once-w0")
