@@ -182,10 +182,11 @@ def small_sweep(root: Path, small_default: dict, name: str) -> dict:
             "config": {"output_root": str(root), "data": {"manifest": str(small_default["manifest"])},
                        "model": {"checkpoint": str(small_default["checkpoint"])},
                        "ttt": {"batch_size": 50}, "workers": {"num_shards": 1, "num_cpus": 0.5}},
-            # tent one row per step (150 steps): still running when the source cell has finished, so the
-            # killed campaign always has an unfinished cell (both cells run at once on the shared pool)
+            # tent one row per batch, 10 steps each (1,500 steps, seconds): still running when the source
+            # cell has finished, so the killed campaign has an unfinished cell (both cells run at once on the
+            # shared pool; 150 single steps took under a second and sometimes finished first)
             "axes": {"method": {"source": {"ttt.method": "source"},
-                                "tent": {"ttt.method": "tent", "ttt.batch_size": 1}}}}
+                                "tent": {"ttt.method": "tent", "ttt.batch_size": 1, "ttt.steps": 10}}}}
 
 
 def _mtimes(run_dir: Path) -> dict[str, int]:
@@ -198,13 +199,14 @@ def test_killed_campaign_resumes_to_the_same_table(tmp_path: Path, small_default
     sweep_file.write_text(yaml.safe_dump(small_sweep(root, small_default, "killed"), sort_keys=False))
     cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    first = root / "killed-source" / "run.json"
+    first, second = root / "killed-source" / "run.json", root / "killed-tent" / "run.json"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if first.is_file() and json.loads(first.read_text()).get("status") == "finished":
+                assert json.loads(second.read_text()).get("status") != "finished", "the tent cell was too quick"
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the sweep ended before it could be killed"
