@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.checks import check_gpus, check_resume, prepare_run
 from pipeline.checks import prepare  # noqa: F401  (the CLI and the harness prepare through here)
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.inputs import InputSpec, count_rows, shard_dataset, warm_up
 from pipeline.meta import git_commit, new_run_id, package_versions, source_hash
@@ -375,7 +375,7 @@ class Scheduler:
             f"a fresh worker goes on from row {resume_at} of the shard (its last commit); "
             f"attempt {attempt + 1} of {self.cfg.workers.max_shard_attempts}")
         self.progress.rewind(self.label(run, shard), resume_at)
-        if not self.pool.replace(slot):
+        if not self.pool.replace(slot, node_lost=isinstance(exc, ActorUnavailableError)):
             log(f"the cluster has no room for a replacement beside {self.pool.live()} live worker(s) and the decode "
                 f"tasks (a node was lost?): shard {shard} of {run.run_id} waits for a live worker")
 
@@ -436,16 +436,18 @@ class Pool:
     def live(self) -> int:
         return sum(a is not None for a in self.actors)
 
-    def replace(self, slot: int) -> bool:
+    def replace(self, slot: int, node_lost: bool = False) -> bool:
         """Start a fresh worker in `slot`, on another live node than the lost one when there is
         one; or, when the cluster (shrunk by a lost node) cannot hold it beside the live workers
         and one decode task, retire the slot (False) so its shard waits for a live worker instead
-        of a replacement that would take the decode tasks' last CPU and stall the run."""
+        of a replacement that would take the decode tasks' last CPU and stall the run.
+        `node_lost`: the worker became unreachable (`ActorUnavailableError`), which Ray can report
+        before it marks the node dead, so that node's CPUs are not counted."""
         self.restarts += 1
         self.serving[slot] = None
         _kill(self.actors[slot])
         self.actors[slot] = None
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        cpus = _live_cpus(exclude=self.nodes[slot] if node_lost else None)
         others = self.live()
         if others and (others + 1) * self.num_cpus + self.cfg.workers.preprocess_cpus > cpus + 1e-9:
             return False
@@ -459,6 +461,12 @@ class Pool:
 
     def shutdown(self) -> None:
         _kill(*self.actors)
+
+
+def _live_cpus(exclude: str | None = None) -> float:
+    """The CPUs of the nodes Ray counts alive, less those of node `exclude`."""
+    return float(sum(n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes()
+                     if n.get("Alive") and n["NodeID"] != exclude))
 
 
 def _another_live_node(avoid: str) -> str | None:
@@ -521,6 +529,9 @@ def init_ray(num_cpus: int | None = None) -> dict[str, float]:
     None = the machine's); the cluster's resources, without the per-node entries."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        if address and address.startswith(("http://", "https://")):
+            raise ConfigError(f"RAY_ADDRESS={address} is a job server's address (for `ray job submit`); a run "
+                              "joins a cluster at its GCS address, e.g. RAY_ADDRESS=<head-ip>:6379")
         if address:
             log(f"connecting to the Ray cluster at {address}")
             ray.init(address=address, log_to_driver=True)
@@ -631,6 +642,7 @@ def format_summary(run_dir: Path) -> str:
         c = summary["cache"]
         lines.append(f"adapter cache: hit rate {c['hit_rate']:.2f} ({c['hits']} hits, {c['misses']} misses, "
                      f"{c['evictions']} evictions)")
+    lines.append(f"run dir:  {run_dir.resolve()}")
     lines.append(f"results:  {(run_dir / 'results').resolve()}")
     lines.append(f"analysis: {(run_dir / 'analysis').resolve()}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.default_model import small_cnn
 from pipeline.meta import source_hash
 from pipeline.outputs import RunFailed
-from pipeline.run import run_job, shard_bounds, warm_workers
+from pipeline.run import Pool, Run, init_ray, run_job, shard_bounds, warm_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import DOMAINS  # noqa: E402  (the small stream's domains)
@@ -243,6 +243,38 @@ def _run_signalling_the_worker(ray, cfg, sig: int) -> BaseException | None:
     assert _stop_worker_mid_shard(ray, f"ttt-{cfg.run_id}-w0", sig), "never caught the worker mid-shard"
     thread.join(timeout=120)
     return box.get("exc")
+
+
+def test_a_worker_lost_with_its_node_is_not_replaced_where_the_node_no_longer_counts(ray_session, small_default,
+                                                                                    tmp_path):
+    """Ray can report a worker on a dying node as unavailable before it marks the node dead; the
+    replacement must not count that node's CPUs, or it takes the decode tasks' last CPU and the run
+    stalls. Here the one node stands for the dying one: with it uncounted the slot is retired (its
+    shard waits for the live worker); a worker that died on a healthy node is replaced."""
+    run = Run.prepare(make_cfg(small_default, tmp_path, "run_id=lost-node", "data.limit=40"))
+    run.open(init_ray())
+    pool = Pool(run.cfg, (2, 0.5), run.worker_spec)
+    try:
+        node = ray_session.get_runtime_context().get_node_id()
+        pool.nodes = [node, node]
+        assert pool.replace(0) is True and pool.live() == 2  # 2 CPUs hold 2 workers of 0.5 and a decode task
+        assert pool.replace(1, node_lost=True) is False and pool.live() == 1
+    finally:
+        pool.shutdown()
+        run.close()
+
+
+def test_a_job_server_address_in_ray_address_is_refused_in_one_line(small_default, tmp_path):
+    """`RAY_ADDRESS=http://head:8265` is what `ray job submit` takes; a run needs the GCS address."""
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/mnistc_tent.yaml"),
+                           "--set", f"data.manifest={small_default['manifest']}",
+                           "--set", f"model.checkpoint={small_default['checkpoint']}",
+                           "--set", f"output_root={tmp_path / 'runs'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "RAY_ADDRESS=http://127.0.0.1:8265" in proc.stderr and "6379" in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session, small_default, tmp_path):
