@@ -44,12 +44,14 @@ class Progress:
             return False
         self.last_print = now
         advanced = False
-        calls = {shard: pool.actors[slot].progress.remote() for slot, shard in running.values()}
-        for shard, ref in calls.items():
+        calls = {shard: (slot, pool.actors[slot].progress.remote()) for slot, shard in running.values()}
+        for shard, (slot, ref) in calls.items():
             try:
-                rows = int(ray.get(ref, timeout=2)["rows_done"])
+                got = ray.get(ref, timeout=2)
+                rows = int(got["rows_done"])
             except Exception:  # a worker that is dying or busy starting: keep the last figure
                 continue
+            pool.nodes[slot] = got.get("node") or pool.nodes[slot]  # where it runs, before its first chunk
             if rows > self.seen[shard]:
                 self.seen[shard], advanced = rows, True
         self._print(sorted(calls))

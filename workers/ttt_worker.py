@@ -123,7 +123,7 @@ class TTTWorker:
 
     def progress(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._progress)
+            return {**self._progress, "node": self.node}
 
     def _advance(self, n: int) -> None:
         with self._lock:
