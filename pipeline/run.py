@@ -250,6 +250,13 @@ class Run:
             self.shared.shutdown()
             self.shared = None
 
+    def record_resumes(self, pool: "Pool") -> None:
+        """Write the resumes so far to run.json at once, so a driver killed later does not lose them."""
+        resumes = self._resumes(pool)
+        self.info.update(resumes=resumes)
+        self.info["counts"]["restarts"] = restarts(resumes)
+        write_json(self.run_dir / "run.json", self.info)
+
     def _resumes(self, pool: "Pool | None") -> list[dict[str, Any]]:
         """Every resume of this run: earlier drivers', this driver's restart, this driver's workers'."""
         return self.history["resumes"] + [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
@@ -371,6 +378,7 @@ class Scheduler:
                             f"{type(exc).__name__} on {self.pool.name(slot)}; a rerun with run_id={run.run_id} "
                             f"goes on from row {resume_at} of the shard") from exc
         self.pool.resumes.append(death)
+        run.record_resumes(self.pool)
         log(f"WARNING: worker {self.pool.name(slot)} died on shard {shard} of {run.run_id} ({type(exc).__name__}); "
             f"a fresh worker goes on from row {resume_at} of the shard (its last commit); "
             f"attempt {attempt + 1} of {self.cfg.workers.max_shard_attempts}")

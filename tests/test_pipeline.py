@@ -222,8 +222,13 @@ def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_defa
     thread = threading.Thread(target=lambda: box.update(run_dir=run_job(cfg)))
     thread.start()
     killed = _stop_worker_mid_shard(ray_session, "ttt-killed-w0", signal.SIGKILL)
-    thread.join(timeout=300)
     assert killed, "never caught the worker mid-shard"
+    deadline = time.time() + 30  # the death is in run.json while the run goes on (a driver killed now keeps it)
+    while time.time() < deadline and not json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())["resumes"]:
+        time.sleep(0.1)
+    assert json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())["resumes"][0]["worker"].startswith(
+        "ttt-killed-w0")
+    thread.join(timeout=300)
     run = json.loads((box["run_dir"] / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["restarts"] >= 1
     pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
