@@ -108,9 +108,9 @@ def changed_fields(before: dict[str, Any] | None, cfg: RunConfig) -> str:
     try:
         old = RunConfig.model_validate(before).results_key()
     except (ValueError, TypeError):
-        return f"config hash {cfg.config_hash()} differs from the run's"
-    new = cfg.results_key()
-    diffs = [f"{_dotted(path)}: {a!r} -> {b!r}" for path, a, b in _differences(old, new, ())]
+        old = None
+    diffs = [] if old is None else \
+        [f"{_dotted(path)}: {a!r} -> {b!r}" for path, a, b in _differences(old, cfg.results_key(), ())]
     if not diffs:
         return f"config hash {cfg.config_hash()} differs from the run's"
     return "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
@@ -132,11 +132,11 @@ def check_gpus(cfg: RunConfig, resources: dict[str, float]) -> None:
                           f"{resources.get('GPU', 0.0):g} GPU(s); set workers.num_gpus=0 to run on CPUs")
 
 
-def check_resume(run_dir: Path, cfg: RunConfig, inputs: dict[str, Any]) -> None:
+def check_resume(run_dir: Path, cfg: RunConfig, inputs: dict[str, Any]) -> dict[str, Any] | None:
     """A rerun into an existing run directory must have the same config and the same input content;
-    a refusal names the fields that differ."""
+    a refusal names the fields that differ. The directory's run.json when it has one, else None."""
     if not (run_dir / "run.json").exists():
-        return
+        return None
     try:
         previous = json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -150,3 +150,4 @@ def check_resume(run_dir: Path, cfg: RunConfig, inputs: dict[str, Any]) -> None:
         what = " and ".join("the manifest's content" if k == "manifest" else "the model's weights" for k in changed)
         raise ConfigError(f"run directory {run_dir} was started on other inputs: {what} changed since "
                           f"(fingerprint {before.get(changed[0])} -> {inputs.get(changed[0])}); choose another run_id")
+    return previous

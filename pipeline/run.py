@@ -170,7 +170,7 @@ class Run:
         run.run_dir = Path(cfg.output_root) / run.run_id
         run.inputs = inputs_fingerprint(cfg.data.manifest, cfg.model.model_dump())
         run.fingerprint = run_fingerprint(cfg.config_hash(), run.inputs)  # what each shard's commit records
-        check_resume(run.run_dir, cfg, run.inputs)
+        run.earlier = check_resume(run.run_dir, cfg, run.inputs)  # an earlier driver's run.json, or None
         run.shared, run.status = None, "prepared"
         return run
 
@@ -185,7 +185,7 @@ class Run:
         self.todo = [s for s, (a, b) in enumerate(self.bounds) if b > a and not self.commits.get(s, {}).get("done")]
         self.resumed = {s: c["offset"] for s, c in self.commits.items() if s in self.todo}
         log(f"run {self.run_id}: {n_rows} rows, {len(self.bounds)} shards, method {cfg.ttt.method}")
-        earlier = read_run_json(self.run_dir)
+        earlier = self.earlier
         if earlier is not None and earlier.get("status") == "finished" and not self.todo \
                 and (self.run_dir / "summary.json").exists():
             log(f"{self.run_id} is finished already: {self.run_dir} is left as it is")
@@ -204,8 +204,8 @@ class Run:
         if earlier is not None:  # started_at stays the first driver's; resumed_at lists the later ones
             self.info["resumed_at"] = [*(earlier.get("resumed_at") or []), self.info["started_at"]]
             self.info["started_at"] = earlier.get("started_at", self.info["started_at"])
-        self.info["counts"]["restarts"] = restarts(self.history["resumes"])
-        self.info.update(resumes=self.history["resumes"], workers=self.history["workers"])
+        self._note_resumes(None)
+        self.info["workers"] = self.history["workers"]
         write_json(self.run_dir / "run.json", self.info)
         self.status = "running"
         self.shared = SharedActors(cfg, self.run_id) if self.todo else None
@@ -239,11 +239,11 @@ class Run:
             "startup": startup_breakdown(self.first_timeline, timing["started_at"])}
         summary["cache"] = self.shared.cache_stats() if self.shared is not None else None
         write_json(self.run_dir / "summary.json", summary)
-        resumes = self._resumes(pool)
+        self.info["counts"].update(rows=summary["overall"]["n"], errors=summary["overall"]["errors_rows"],
+                                   shards=len(self.bounds))
+        self._note_resumes(pool)
         self.info.update(status="finished", ended_at=_now(), output_dir=str(self.run_dir.resolve()),
-                         counts={"rows": summary["overall"]["n"], "errors": summary["overall"]["errors_rows"],
-                                 "shards": len(self.bounds), "restarts": restarts(resumes)},
-                         resumes=resumes, workers=self.history["workers"] + (pool.placement() if pool else []))
+                         workers=self.history["workers"] + (pool.placement() if pool else []))
         write_json(self.run_dir / "run.json", self.info)
         self.status = "finished"
         if self.shared is not None:
@@ -252,21 +252,21 @@ class Run:
 
     def record_resumes(self, pool: "Pool") -> None:
         """Write the resumes so far to run.json at once, so a driver killed later does not lose them."""
-        resumes = self._resumes(pool)
-        self.info.update(resumes=resumes)
-        self.info["counts"]["restarts"] = restarts(resumes)
+        self._note_resumes(pool)
         write_json(self.run_dir / "run.json", self.info)
 
-    def _resumes(self, pool: "Pool | None") -> list[dict[str, Any]]:
-        """Every resume of this run: earlier drivers', this driver's restart, this driver's workers'."""
-        return self.history["resumes"] + [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
+    def _note_resumes(self, pool: "Pool | None") -> None:
+        """run.json's `resumes` and `counts.restarts`: earlier drivers', this driver's restart, this
+        driver's workers'."""
+        resumes = self.history["resumes"] + [r for r in (pool.resumes if pool else []) if r["run_id"] == self.run_id]
+        self.info["resumes"] = resumes
+        self.info["counts"]["restarts"] = restarts(resumes)
 
     def fail(self, exc: BaseException, pool: "Pool | None") -> None:
         if self.status != "running":
             return
-        resumes = self._resumes(pool)
-        self.info.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}", resumes=resumes)
-        self.info["counts"]["restarts"] = restarts(resumes)
+        self._note_resumes(pool)
+        self.info.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
         try:
             write_json(self.run_dir / "run.json", self.info)
         except OSError as write_exc:  # a full disk may refuse even this small file
@@ -577,12 +577,6 @@ def worker_plan(cfg: RunConfig, resources: dict[str, float], shards_left: int) -
         n = min(n, max(1, int(resources.get("GPU", 0.0) // cfg.workers.num_gpus)))
     n = max(1, min(n, shards_left))
     return n, min(per, budget / n)
-
-
-def read_run_json(run_dir: Path) -> dict[str, Any] | None:
-    """An existing run.json (check_resume has read it already, so it parses), else None."""
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def restarts(resumes: list[dict[str, Any]]) -> int:

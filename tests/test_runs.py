@@ -3,6 +3,7 @@ real run directories written here with pyarrow in the layout of DESIGN.md ("Outp
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import runs as runs_module
+from pipeline.meta import ROOT, SOURCE_DIRS, source_hash
 from ttt.schema import ANALYSIS_SCHEMA, LM_RESULT_SCHEMA, RESULTS_SCHEMA
 from pipeline.runs import RunSet, new_run_id, query_runs, runs_main
 
@@ -256,10 +258,6 @@ def test_cli_list_show_compare(tmp_path: Path, zoo: dict[str, str], capsys) -> N
 def test_source_hash_names_the_code_that_ran(tmp_path: Path) -> None:
     """Equal for a copy of the sources (what `ray job submit` uploads, without .git); a one-byte
     edit changes it; bytecode caches and non-Python files do not."""
-    import shutil
-
-    from pipeline.meta import ROOT, SOURCE_DIRS, source_hash
-
     for d in SOURCE_DIRS:
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     assert source_hash(tmp_path) == source_hash(ROOT)
