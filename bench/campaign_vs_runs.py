@@ -3,7 +3,7 @@
     RAY_AUTH_MODE=disabled .venv/bin/python bench/campaign_vs_runs.py configs/sweeps/mnistc_tta.yaml --cells 8
 
 Both sides run the same first N cells of the sweep (test and validation cells in the sweep's
-order) into two fresh output roots under --work: the campaign through `pipeline.sweep.execute_cells`
+order) into two fresh output roots under --work: the campaign through `pipeline.campaigns.sweep.execute_cells`
 in this process (one Ray instance, started once, included in its time), the other side as one
 `pipeline run` subprocess per cell (each starts Python, imports torch and Ray, and starts its own
 local Ray instance). Streams are built before either clock starts. Prints both times, the ratio,
@@ -26,7 +26,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.sweep import attach_streams, execute_cells, expand, load_sweep  # noqa: E402
+from pipeline.campaigns.spec import expand, load_sweep  # noqa: E402
+from pipeline.campaigns.sweep import attach_streams, execute_cells  # noqa: E402
 
 
 def predictions(run_dir: Path) -> list:

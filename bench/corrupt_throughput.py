@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 from sklearn.datasets import load_sample_images
 
-from pipeline.benchmarks import ALL_CORRUPTIONS
-from pipeline.corrupt import CleanSource, corrupt_image, generate, image_seed
+from pipeline.benchmarks.corrupt import CleanSource, corrupt_image, generate, image_seed
+from pipeline.benchmarks.layouts import ALL_CORRUPTIONS
 
 
 def tiles(size: int, n: int, seed: int = 0) -> np.ndarray:

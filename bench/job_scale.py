@@ -62,9 +62,13 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.inputs import InputSpec, prepare_block  # noqa: E402
+from pipeline.job.checks import prepare  # noqa: E402
+from pipeline.job.inputs import InputSpec, prepare_block  # noqa: E402
+from pipeline.job.pool import warm_workers  # noqa: E402
+from pipeline.job.ray_start import init_ray  # noqa: E402
+from pipeline.job.record import shard_bounds  # noqa: E402
+from pipeline.job.runner import run_job  # noqa: E402
 from pipeline.manifest import ROW_GROUP_ROWS  # noqa: E402
-from pipeline.run import init_ray, prepare, run_job, shard_bounds, warm_workers  # noqa: E402
 from ttt import build_method  # noqa: E402
 from ttt.images import ImageSpec, normalise, read_row  # noqa: E402
 from workers.ttt_worker import build_adapter  # noqa: E402
@@ -212,7 +216,7 @@ import json, resource, sys, threading, time
 import psutil, ray
 sys.path.insert(0, sys.argv[1])
 from pipeline.config import load_config
-from pipeline.run import run_job
+from pipeline.job.runner import run_job
 ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
 peak = {"worker": 0, "worker_uss": 0}
 stop = threading.Event()
@@ -400,7 +404,7 @@ def ceiling(args) -> None:
 
 
 def decode(args) -> None:
-    """Wall and CPU per row of one decode task (`pipeline.inputs.prepare_block`, in this process, no Ray) on
+    """Wall and CPU per row of one decode task (`pipeline.job.inputs.prepare_block`, in this process, no Ray) on
     1,024-row blocks of the stream as inline pixels and as PNG files, with and without
     `data.read_timeout_s` (file rows read under the timeout go through the reader thread)."""
     out = Path(tempfile.mkdtemp(prefix="bench-decode-"))

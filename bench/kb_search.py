@@ -110,7 +110,7 @@ def throughput_table(args: argparse.Namespace, root: Path, metas: dict[str, dict
         order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
         for i in order:
             name, _, params = configs[i]
-            times[i].append(_once(lambda: kbs[name].search(queries, K, **params)))
+            times[i].append(_once(lambda name=name, params=params: kbs[name].search(queries, K, **params)))
     flat_qps = args.queries / statistics.median(times[0])
     lines = [f"| index | params | build s | recall@{K} | queries/s | vs flat |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]

@@ -128,8 +128,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.data.smollm2 import ensure_smollm2
-    from pipeline.data.text import ensure_text_manifest
+    from pipeline.embedded.smollm2 import ensure_smollm2
+    from pipeline.embedded.text import ensure_text_manifest
 
     cfg = load_config(CONFIG, [f"data.cache_dir={args.cache_dir}"])
     model_path = str(ensure_smollm2(args.cache_dir))

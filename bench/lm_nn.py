@@ -31,7 +31,7 @@ CONFIG = Path("configs") / "lm_nn.yaml"
 
 def run(overrides: list[str]) -> Path:
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     return run_job(load_config(CONFIG, overrides))
 
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"\nruns under {out}")
         return
     from pipeline.config import load_config
-    from pipeline.data.text import ensure_text_manifest
+    from pipeline.embedded.text import ensure_text_manifest
 
     queries = ensure_text_manifest(Path(load_config(CONFIG, common).data.cache_dir) / "text")
     manifest = repeated_manifest(queries, args.repeat, out)

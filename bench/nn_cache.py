@@ -31,7 +31,7 @@ def variants(thresholds: list[float]) -> dict[str, tuple[str, list[str]]]:
 
 def run_variant(config: str, overrides: list[str]) -> Path:
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     return run_job(load_config(Path("configs") / config, overrides))
 

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def plain_loop(cfg) -> float:
     """The same work without Ray: per shard, reset to source, Tent over contiguous batches."""
-    from pipeline.run import shard_bounds
+    from pipeline.job.record import shard_bounds
     from ttt import build_method
     from workers.ttt_worker import build_adapter
 
@@ -51,7 +51,8 @@ def main() -> None:
     import ray
 
     from pipeline.config import load_config
-    from pipeline.run import prepare, run_job
+    from pipeline.job.checks import prepare
+    from pipeline.job.runner import run_job
 
     out = tempfile.mkdtemp(prefix="bench-throughput-")
     cfg = prepare(load_config("configs/mnistc_tent.yaml", [f"data.limit={args.rows}", f"output_root={out}",

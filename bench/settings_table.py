@@ -13,7 +13,7 @@ each of the five settings of a canonical-corruption benchmark in the CIFAR-C lay
     .venv/bin/python bench/settings_table.py --root .cache/mnist-c-canonical-600-sev5 \\
         --methods source,norm,tent,cotta --settings correlated --per-domain 600
 
-Settings (pipeline.settings, manifests written by pipeline.benchmarks.build_manifest):
+Settings (pipeline.benchmarks.settings, manifests written by pipeline.benchmarks.layouts.build_manifest):
 `reset_each_shift`, `continual`, `mixed_domains` (order seed 0) and `correlated` (Dirichlet delta
 0.1, RoTTA's slots, within each domain) stream the severity-5 domains, `--per-domain` digits each;
 `gradual` streams severities 5..1 for the first corruption and 1..5..1 for the others (CoTTA's
@@ -46,7 +46,7 @@ SETTING_PARAMS = {"mixed_domains": {"seed": 0}, "correlated": {"delta": 0.1, "se
 
 def build_manifests(root: Path, out: Path, settings: list[str], per_domain: int, gradual_per_domain: int) -> dict[str, tuple[Path, dict]]:
     """One manifest per setting from the CIFAR-C-layout benchmark under `root`."""
-    from pipeline.benchmarks import BENCHMARK_CORRUPTIONS, build_manifest
+    from pipeline.benchmarks.layouts import BENCHMARK_CORRUPTIONS, build_manifest
 
     manifests = {}
     if "correlated" in settings and per_domain <= BATCH_SIZE:
@@ -65,7 +65,7 @@ def build_manifests(root: Path, out: Path, settings: list[str], per_domain: int,
 
 def run_cell(method: str, manifest: Path, meta: dict, common: list[str]) -> Path:
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     reset = "true" if meta["reset_on_domain_change"] else "false"
     cfg = load_config(Path("configs") / f"mnistc_{method}.yaml",

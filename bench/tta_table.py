@@ -47,7 +47,7 @@ VARIANTS["cotta_flips"] = ("mnistc_cotta.yaml", ["ttt.cotta.flips=true"])  # the
 
 def run_variant(name: str, common: list[str]) -> Path:
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     config, extra = VARIANTS.get(name, (f"mnistc_{name}.yaml", []))
     cfg = load_config(Path("configs") / config, common + extra)
@@ -58,7 +58,7 @@ def run_variant(name: str, common: list[str]) -> Path:
 
 def clean_split(cfg) -> Path:  # noqa: ANN001 (a pipeline RunConfig)
     """The clean training split beside the run's MNIST-C manifest (built here if missing)."""
-    from pipeline.data.mnistc import ensure_mnistc
+    from pipeline.embedded.mnistc import ensure_mnistc
 
     d = cfg.data
     return ensure_mnistc(d.cache_dir, d.corruptions, d.severity, d.n_test).parent / "train.npz"

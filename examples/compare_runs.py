@@ -13,8 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.report import _heatmap, comparison_warnings, error_cell_texts, error_table, wide
-from pipeline.runs import query_runs, run_labels
+from pipeline.analysis.plots import heatmap
+from pipeline.analysis.report import comparison_warnings, error_cell_texts, error_table, wide
+from pipeline.analysis.runs import query_runs, run_labels
+from pipeline.campaigns.campaign import Campaign
 
 
 def method_domain_table(root: str, experiment: str | None):
@@ -33,7 +35,7 @@ def method_domain_table(root: str, experiment: str | None):
 
 def plot(errors, out: Path) -> None:
     labels = list(dict.fromkeys(errors["label"]))
-    _heatmap(wide(errors, "error", labels), "error per domain (%), 95% interval, n", True, out,
+    heatmap(wide(errors, "error", labels), "error per domain (%), 95% interval, n", True, out,
              texts=error_cell_texts(errors, labels, sep="\n"))
 
 
@@ -46,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.campaign:
-        campaign = query_runs(args.root, tag=args.campaign).campaign(args.campaign)
+        campaign = Campaign.of(query_runs(args.root, tag=args.campaign), args.campaign)
         table = campaign.table()
         print(table[table["domain"] == "mean"].drop(columns=["seeds"]).to_string(index=False))
         print()

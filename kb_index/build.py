@@ -228,7 +228,7 @@ def build_kb(corpus: Any, out_dir: str | os.PathLike, embedder: Embedder, spec: 
         "build_seconds": round(time.perf_counter() - t0, 3),
         "embed_seconds": round(t_embed, 3),
         "index_seconds": round(t_index, 3),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "faiss_version": faiss.__version__,
     }
     _replace_atomically(out / "kb.json", lambda p: p.write_text(json.dumps(meta, indent=2)))

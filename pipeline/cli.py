@@ -9,7 +9,7 @@ import importlib
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.outputs import DiskFullError, RunFailed
+from pipeline.job.outputs import DiskFullError, RunFailed
 
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
@@ -40,7 +40,8 @@ def _config_args(prog: str, need_config: bool) -> argparse.ArgumentParser:
 def cmd_run(argv: list[str]) -> int:
     args = _config_args("run", True).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from pipeline.run import format_summary, run_job
+    from pipeline.job.outputs import format_summary
+    from pipeline.job.runner import run_job
 
     run_dir = run_job(cfg)
     print(format_summary(run_dir), flush=True)
@@ -50,7 +51,7 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_build_data(argv: list[str]) -> int:
     args = _config_args("build-data", False).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from pipeline.run import prepare
+    from pipeline.job.checks import prepare
 
     cfg = prepare(cfg)
     model = cfg.model.path if cfg.model.kind == "causal_lm" else cfg.model.checkpoint
@@ -63,7 +64,7 @@ def cmd_build_lm(argv: list[str]) -> int:
                                      description="convert SmolLM2-135M to the folder configs/lm_nn_smollm2.yaml names")
     parser.add_argument("--cache-dir", default=".cache")
     args = parser.parse_args(argv)
-    from pipeline.data.smollm2 import SmolLM2Error, ensure_smollm2
+    from pipeline.embedded.smollm2 import SmolLM2Error, ensure_smollm2
 
     try:
         print(f"model:      {ensure_smollm2(args.cache_dir)}")
@@ -73,17 +74,48 @@ def cmd_build_lm(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    """`python -m pipeline report RUN_DIR [RUN_DIR ...] [--out DIR]` or `report --campaign NAME
+    [--root runs] [--out DIR]`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline report",
+                                     description="write CSV + PNG reports and report.md into RUN_DIR/report/, "
+                                                 "or a campaign's table (pipeline sweep) with --campaign")
+    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories")
+    parser.add_argument("--campaign", help="a campaign's name: its table, paired tests and selection")
+    parser.add_argument("--root", default="runs", help="--campaign: the output root holding it (default: runs)")
+    parser.add_argument("--out", help="where the comparison of several runs (or the campaign report) goes "
+                                      "(default: FIRST_RUN_DIR/report/compare/, or <root>/.campaigns/NAME/report/)")
+    args = parser.parse_args(argv)
+    if bool(args.campaign) == bool(args.run_dirs):
+        print("error: give RUN_DIR(s) or --campaign NAME", file=sys.stderr)
+        return 2
+    try:
+        if args.campaign:
+            from pipeline.campaigns.campaign import Campaign
+
+            print(Campaign(args.root, args.campaign).report(args.out))
+            return 0
+        from pipeline.analysis.report import write_reports
+
+        for path in write_reports(args.run_dirs, args.out):
+            print(path)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # Each command's module is imported only when it runs (Ray and torch are slow to import).
 COMMANDS: dict[str, str] = {
     "run": "pipeline.cli:cmd_run",
     "build-data": "pipeline.cli:cmd_build_data",
-    "build-kb": "pipeline.build_kb:main",
-    "runs": "pipeline.runs:runs_main",
-    "bench-suite": "pipeline.bench_suite:main",
-    "report": "pipeline.report:report_main",
-    "sweep": "pipeline.sweep:sweep_main",
-    "manifest": "pipeline.benchmarks:manifest_main",
-    "corrupt": "pipeline.corrupt:corrupt_main",
+    "build-kb": "pipeline.embedded.kb:main",
+    "runs": "pipeline.analysis.runs_cli:runs_main",
+    "bench-suite": "pipeline.analysis.bench_suite:main",
+    "report": "pipeline.cli:cmd_report",
+    "sweep": "pipeline.campaigns.sweep:sweep_main",
+    "manifest": "pipeline.benchmarks.layouts:manifest_main",
+    "corrupt": "pipeline.benchmarks.corrupt:corrupt_main",
     "build-lm": "pipeline.cli:cmd_build_lm",
     "lm-eval": "pipeline.harness:main",
 }

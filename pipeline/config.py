@@ -31,7 +31,7 @@ class DataConfig(_Strict):
     dataset: Literal["mnistc", "text", "text_choices", "text_domains", "text_domains_val"] = "mnistc"
     manifest: str | None = None  # Parquet manifest; None = build the embedded default of `dataset`
     cache_dir: str = ".cache"
-    corruptions: list[str] | None = None  # None = the default list (pipeline.data.mnistc)
+    corruptions: list[str] | None = None  # None = the default list (pipeline.embedded.mnistc)
     severity: int = Field(3, ge=1, le=5)
     n_test: int = Field(1000, ge=10, le=1000)  # test digits per corruption domain
     include_clean: bool = False
@@ -55,7 +55,7 @@ class LoraConfig(_Strict):
 class ModelConfig(_Strict):
     kind: Literal["image_classifier", "causal_lm"] = "image_classifier"
     # image_classifier: a factory reference and a state_dict
-    factory: str = "pipeline.default_model:small_cnn"  # package.module:function
+    factory: str = "pipeline.embedded.model:small_cnn"  # package.module:function
     factory_kwargs: dict[str, Any] = {}
     checkpoint: str | None = None  # state_dict file; None with the default factory = embedded default
     # preprocessing (ttt.images): [C, H, W] the model takes, per-channel mean / std (one value

@@ -37,7 +37,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from pipeline.config import load_config
-from pipeline.meta import new_run_id
-from pipeline.outputs import write_json, write_shard
+from pipeline.job.outputs import write_json, write_shard
+from pipeline.job.provenance import new_run_id
 from ttt import TTTConfig, build_method
 from ttt.record import new_record
 from workers.stream import result_row
@@ -143,7 +143,9 @@ class TTTHarnessLM(LM):
                  run_id: str | None = None, batch_size: Any = None, max_batch_size: Any = None,
                  device: Any = None, **overrides: Any):
         super().__init__()
-        from pipeline.run import _SharedActors, init_ray, prepare
+        from pipeline.job.checks import prepare
+        from pipeline.job.pool import SharedActors
+        from pipeline.job.ray_start import init_ray
 
         sets = [f"{k}={v}" for k, v in overrides.items()]
         if output_root is not None:
@@ -158,7 +160,7 @@ class TTTHarnessLM(LM):
         self.run_dir = Path(self.cfg.output_root) / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         init_ray()
-        self.shared = _SharedActors(self.cfg, self.run_id)
+        self.shared = SharedActors(self.cfg, self.run_id)
         spec = {"model": self.cfg.model.model_dump(), "ttt": self.cfg.ttt.model_dump(),
                 "torch_threads": self.cfg.workers.torch_threads, "num_gpus": self.cfg.workers.num_gpus,
                 "services": self.shared.spec}
@@ -171,7 +173,7 @@ class TTTHarnessLM(LM):
         write_json(self.run_dir / "run.json", {
             "run_id": self.run_id, "kind": "lm_eval", "model": MODEL_NAME, "workers": int(workers),
             "config": json.loads(self.cfg.model_dump_json()), "config_hash": self.cfg.config_hash(),
-            "started": datetime.now(timezone.utc).isoformat()})
+            "started": datetime.now(UTC).isoformat()})
 
     # -- the three request types ----------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -236,7 +238,7 @@ class TTTHarnessLM(LM):
         return sum(ray.get([w.count.remote() for w in self.workers]))
 
     def shutdown(self) -> None:
-        from pipeline.run import _kill
+        from pipeline.job.pool import _kill
 
         self.adaptations_done = self.adaptations()
         _kill(*self.workers)

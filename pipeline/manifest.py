@@ -1,18 +1,22 @@
-"""Manifest checks on the driver, before Ray starts: a bad manifest is a one-line error naming
-the file and the column or row, never a crash inside a worker."""
+"""The manifest format, shared by every room: its Parquet files, the row groups this project writes,
+the setting metadata in its schema, and the checks run on the driver before Ray starts (a bad
+manifest is a one-line error naming the file and the column or row, never a crash inside a worker).
+Imports nothing else of `pipeline`."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline.fingerprint import manifest_files
-
 
 # Rows per Parquet row group in the manifests this project writes: decode tasks read a few hundred
 # rows at a time and Parquet reads whole groups, so small groups keep each read proportionate.
 ROW_GROUP_ROWS = 4096
+META_KEY = b"ttt_pipeline.manifest"  # JSON: the setting and build parameters a manifest was written with
 
 
 class ManifestError(ValueError):
@@ -53,3 +57,38 @@ def check_manifest(path: str | Path, kind: str = "image_classifier") -> int:
         dup = pc.unique(ordered.slice(1).filter(repeated))
         raise ManifestError(f"manifest {p}: sample_id {dup[0].as_py()!r} appears more than once ({len(dup)} duplicated ids)")
     return len(ids)
+
+
+def manifest_files(manifest: str | Path) -> list[Path]:
+    """The Parquet files of a manifest (one file, or a directory of parts), in a stable order."""
+    p = Path(manifest)
+    if p.is_file():
+        return [p]
+    return sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith((".", "_")))
+
+
+def write_manifest(table: pa.Table, meta: dict[str, Any], path: str | Path) -> Path:
+    """Write the ordered manifest with `meta` in its schema metadata (atomically: temp + rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = dict(table.schema.metadata or {})
+    existing[META_KEY] = json.dumps(meta, sort_keys=True).encode()
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table.replace_schema_metadata(existing), tmp, row_group_size=ROW_GROUP_ROWS)
+    os.replace(tmp, out)
+    return out
+
+
+def read_manifest_meta(path: str | Path) -> dict[str, Any]:
+    """The setting and build parameters a manifest was written with; {} for a manifest without them
+    (e.g. one the user wrote by hand). A directory manifest is read from its first Parquet file."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("*.parquet"))
+        if not files:
+            return {}
+        p = files[0]
+    if not p.is_file():
+        raise FileNotFoundError(f"manifest not found: {p}")
+    raw = (pq.read_schema(p).metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}

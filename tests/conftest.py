@@ -35,8 +35,8 @@ def small_default(tmp_path_factory):
     """A 150-row MNIST-C stream and a briefly trained source checkpoint (not the cached default)."""
     import torch
 
-    from pipeline.data.mnistc import ensure_mnistc, split_digits
-    from pipeline.default_model import train_source_model
+    from pipeline.embedded.mnistc import ensure_mnistc, split_digits
+    from pipeline.embedded.model import train_source_model
 
     cache = tmp_path_factory.mktemp("cache")
     manifest = ensure_mnistc(cache, DOMAINS, severity=3, n_test=50, seed=0)
@@ -55,7 +55,8 @@ def tiny_lm_dir(tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.data.text import chunk_document, pydoc_documents, train_tokenizer
+    from pipeline.embedded.text import chunk_document, pydoc_documents
+    from pipeline.embedded.tiny_lm import train_tokenizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -21,14 +21,14 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.config import ConfigError, load_config
-from pipeline.run import run_job
+from pipeline.job.runner import run_job
 from ttt import TTTConfig, build_method
 from ttt.images import ImageSpec
 from workers.adapters import ImageClassifierAdapter, ImageRowReader
 from workers.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FACTORY = "pipeline.default_model:small_cnn"
+FACTORY = "pipeline.embedded.model:small_cnn"
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +335,8 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     import json, os, resource, signal, sys
     import ray
     from pipeline.config import load_config
-    from pipeline.outputs import DiskFullError
-    from pipeline.run import run_job
+    from pipeline.job.outputs import DiskFullError
+    from pipeline.job.runner import run_job
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=100 * 1024**2)
     cfg = load_config(sys.argv[1], sys.argv[3:])
@@ -380,7 +380,7 @@ SHARDS_SCRIPT = textwrap.dedent("""
     import sys
     import ray
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=100 * 1024**2)
     for shards in [int(s) for s in sys.argv[2].split(",")]:
@@ -409,8 +409,8 @@ def test_any_shard_count_finishes_on_a_two_cpu_cluster(small_default, tmp_path):
 def test_bulk_pixel_decoding_equals_row_by_row(small_default, tmp_path, monkeypatch):
     """The Ray Data decode task reads a block's inline pixels in bulk; a block with bad rows gives
     the same arrays and the same error messages, byte for byte, as reading every row alone."""
-    import pipeline.inputs as inputs_module
-    from pipeline.inputs import InputSpec, prepare_block
+    import pipeline.job.inputs as inputs_module
+    from pipeline.job.inputs import InputSpec, prepare_block
 
     rows = pq.read_table(small_default["manifest"]).slice(0, 60).to_pylist()
     rows[3]["pixels"] = [float("nan")] + list(rows[3]["pixels"][1:])
@@ -434,8 +434,8 @@ def test_bulk_pixel_decoding_equals_row_by_row(small_default, tmp_path, monkeypa
 def test_bulk_array_rows_equal_row_by_row(tmp_path, monkeypatch):
     """Rows that point into a CIFAR-C-style uint8 .npy (HWC colour, HW grey) read in bulk give the
     arrays the row-by-row path gives; a bad label stays an error row."""
-    import pipeline.inputs as inputs_module
-    from pipeline.inputs import InputSpec, prepare_block
+    import pipeline.job.inputs as inputs_module
+    from pipeline.job.inputs import InputSpec, prepare_block
 
     rng = np.random.default_rng(0)
     for name, shape, arr in (("colour", [3, 32, 32], rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.default_model import SmallCNN
+from pipeline.embedded.model import SmallCNN
 from ttt import TTTConfig, build_method
 from ttt.augment import patch_shuffle
 from ttt.losses import softmax_entropy
@@ -421,7 +421,7 @@ def test_every_baseline_writes_its_analysis_fields_into_the_parquet_schema(small
 
 def test_eata_with_clean_samples_runs_through_the_pipeline(ray_session, small_default, tmp_path):
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     train = tmp_path / "train.npz"
     np.savez(train, x=(np.random.default_rng(0).random((40, 28, 28)) * 255).astype(np.uint8))

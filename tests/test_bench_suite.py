@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.bench_suite import CSV_COLUMNS, SCALING_MODELS, VARIANTS, fit_scaling, main, variant_config
+from pipeline.analysis.bench_suite import CSV_COLUMNS, VARIANTS, main, variant_config
+from pipeline.analysis.measure import SCALING_MODELS, fit_scaling
 from pipeline.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

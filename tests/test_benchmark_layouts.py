@@ -6,10 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.benchmarks import (
-    LayoutError, build_manifest, cifar_c_pool, folder_pool, imagenet_c_pool, manifest_main,
+from pipeline.benchmarks.layouts import (
+    LayoutError,
+    build_manifest,
+    cifar_c_pool,
+    folder_pool,
+    imagenet_c_pool,
+    manifest_main,
 )
-from pipeline.settings import read_manifest_meta
+from pipeline.manifest import read_manifest_meta
 
 
 def image_folder_samples(directory):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.run import run_job
+from pipeline.job.runner import run_job
 from ttt import TTTConfig, build_method
 from ttt.checkpoint import capture, restore
 from ttt.methods import METHODS
@@ -26,7 +26,7 @@ from workers.models import load_model
 from workers.stream import stream_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
-FACTORY = "pipeline.default_model:small_cnn"
+FACTORY = "pipeline.embedded.model:small_cnn"
 NEEDS_SERVICES = {"nn"}  # retrieval TTT resets per query; covered by its own tests
 
 
@@ -94,7 +94,7 @@ def test_a_checkpoint_holds_only_cpu_tensors_and_restores_state_made_after_the_s
 DRIVER_SCRIPT = """
 import sys
 from pipeline.config import load_config
-from pipeline.run import run_job
+from pipeline.job.runner import run_job
 run_job(load_config(sys.argv[1], sys.argv[2:]))
 """
 

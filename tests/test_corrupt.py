@@ -7,11 +7,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.benchmarks import ALL_CORRUPTIONS, cifar_c_pool
-from pipeline.corrupt import (
-    CorruptError, corrupt_image, corrupt_main, generate, image_seed, source_from_digits, source_from_folder,
+from pipeline.benchmarks.corrupt import (
+    CorruptError,
+    corrupt_image,
+    corrupt_main,
+    generate,
+    image_seed,
+    source_from_digits,
+    source_from_folder,
 )
-from pipeline.settings import read_manifest_meta
+from pipeline.benchmarks.layouts import ALL_CORRUPTIONS, cifar_c_pool
+from pipeline.manifest import read_manifest_meta
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.data.corruptions import CORRUPTIONS, FAMILIES, corrupt
+from pipeline.embedded.corruptions import CORRUPTIONS, FAMILIES, corrupt
 
 MNIST_C = {"shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
            "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges"}

@@ -18,10 +18,10 @@ from lm_eval.api.instance import Instance
 
 from kb_index import SentenceEmbedder, build_kb
 from pipeline.config import load_config
-from pipeline.data.text import chunk_document, pydoc_documents
+from pipeline.embedded.text import chunk_document, pydoc_documents
 from pipeline.harness import TTTHarnessLM, group_requests
 from pipeline.harness import main as harness_main
-from pipeline.run import run_job
+from pipeline.job.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.inputs as inputs_module
-from pipeline.inputs import InputSpec, block_ranges, block_rows, manifest_rows
+import pipeline.job.inputs as inputs_module
+from pipeline.job.inputs import InputSpec, block_ranges, block_rows, manifest_rows
 
 
 @pytest.mark.parametrize("start,end,full", [(0, 7500, 1024), (3, 4, 1024), (100, 100, 64), (5, 1000, 1), (0, 50, 7)])

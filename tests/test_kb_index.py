@@ -2,8 +2,8 @@
 embedder identity checks, the offline sentence model, the CNN feature embedder, the CLI."""
 from __future__ import annotations
 
-import os
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,7 @@ from kb_index import (
     load_kb,
     torch_checkpoint_name,
 )
-from pipeline.default_model import small_cnn
+from pipeline.embedded.model import small_cnn
 
 DIM = 32
 N = 1500
@@ -168,7 +168,7 @@ def test_sentence_embedder_offline_paraphrases(sentence_embedder, tmp_path):
 
 
 def test_cli_builds_and_names_errors(tmp_path, capsys):
-    from pipeline.build_kb import main
+    from pipeline.embedded.kb import main
 
     torch.manual_seed(0)
     ckpt = tmp_path / "cnn.pt"

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from pipeline.data.text import DONE, TextBuildError, pydoc_documents, train_tiny_lm
+from pipeline.embedded.text import DONE, TextBuildError, pydoc_documents
+from pipeline.embedded.tiny_lm import train_tiny_lm
 from ttt import lm
 from workers.lm_adapter import CausalLMAdapter
 

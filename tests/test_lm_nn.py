@@ -16,19 +16,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_nn import DictCache
 
 from kb_index import SentenceEmbedder, build_kb
 from kb_index.embedders import SENTENCE_MODEL_NAME
-from pipeline.config import ConfigError, load_config
-from pipeline.data.text import choice_rows, chunk_document, pydoc_documents
-from pipeline.run import run_job
-from pipeline.runs import query_runs
+from pipeline.analysis.runs import query_runs
+from pipeline.config import load_config
+from pipeline.embedded.text import choice_rows, chunk_document, pydoc_documents
+from pipeline.job.runner import run_job
 from ttt import TTTConfig, build_method, lm
 from workers.kb_actor import KBRetrievalActor
 from workers.lm_adapter import CausalLMAdapter
 from workers.ttt_worker import KBClient
-
-from test_nn import DictCache
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["c_attn"]}

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from pipeline.default_model import SmallCNN
+from pipeline.embedded.model import SmallCNN
 from ttt import TTTConfig, build_method
 from ttt.augment import cotta_augment, patch_mask, random_affine
-from ttt.losses import masked_mse, softmax_entropy
+from ttt.losses import masked_mse
 from ttt.methods import MissingHookError
 from ttt.methods.base import augmented_view, seeded_generator
 from ttt.methods.tent import Tent

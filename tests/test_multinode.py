@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.job.runner import run_job
 
     cpus, mode, config, *overrides = sys.argv[1:]
     cpus = int(cpus)

@@ -12,16 +12,16 @@ import torch
 from kb_index import build_kb, load_kb
 from kb_index.embedders import ImagePreprocess, TorchFeatureEmbedder
 from pipeline.config import ConfigError, load_config
-from pipeline.data.mnistc import ensure_mnistc, load_train_split, split_digits
-from pipeline.default_model import train_source_model
-from pipeline.run import run_job
+from pipeline.embedded.mnistc import ensure_mnistc, load_train_split, split_digits
+from pipeline.embedded.model import train_source_model
+from pipeline.job.runner import run_job
 from ttt import TTTConfig, build_method
 from ttt.methods.nn import CacheHit
 from workers.adapters import ImageClassifierAdapter
 from workers.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "pipeline.default_model:small_cnn"
+MODEL = "pipeline.embedded.model:small_cnn"
 
 
 class InProcessKB:

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.outputs import summarise_run
+from pipeline.job.outputs import summarise_run
 
 
 def _parts(tmp_path, lm: bool) -> pd.DataFrame:

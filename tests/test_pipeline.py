@@ -18,10 +18,13 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.default_model import small_cnn
-from pipeline.meta import source_hash
-from pipeline.outputs import RunFailed
-from pipeline.run import Pool, Run, init_ray, run_job, shard_bounds, warm_workers
+from pipeline.embedded.model import small_cnn
+from pipeline.job.outputs import RunFailed
+from pipeline.job.pool import Pool, warm_workers
+from pipeline.job.provenance import source_hash
+from pipeline.job.ray_start import init_ray
+from pipeline.job.record import Run, shard_bounds
+from pipeline.job.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import DOMAINS  # noqa: E402  (the small stream's domains)
@@ -159,7 +162,7 @@ def _png_manifest(small_default, tmp_path, n=60, corrupt_row=7):
     folder = tmp_path / "pngs"
     folder.mkdir()
     paths = []
-    for i, row in src.iterrows():
+    for _, row in src.iterrows():
         p = folder / f"{row.sample_id}.png"
         Image.fromarray(np.asarray(row.pixels, dtype=np.uint8).reshape(28, 28)).save(p)
         paths.append(str(p))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from pipeline.report import report_main, write_reports
 from test_runs import T0, make_run  # the shared run-directory writer (tests/ is on sys.path under pytest)
+
+from pipeline.analysis.report import write_reports
+from pipeline.cli import cmd_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ERROR_COLUMNS = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error", "ci_low", "ci_high"]
@@ -28,7 +29,7 @@ def linked(report: Path) -> set[str]:
 
 def test_single_run_report(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, error_rows=7, shards=3)
-    assert report_main([str(run_dir)]) == 0
+    assert cmd_report([str(run_dir)]) == 0
     out = run_dir / "report"
     for png in ("error_by_domain.png", "stream.png", "timing.png"):
         assert_png(out / png)
@@ -77,12 +78,12 @@ def test_comparison_report_with_cache_nulls_and_lm(tmp_path: Path) -> None:
     assert_png(nn / "report" / "cache.png")
 
     # Without --out the comparison goes next to the first run's own report, not over it.
-    assert report_main([str(tent), str(nn)]) == 0
+    assert cmd_report([str(tent), str(nn)]) == 0
     assert (tent / "report" / "compare" / "report.md").exists()
     assert (tent / "report" / "report.md").read_text().startswith(f"# Report: {tent.name}")
 
     lm = make_run(tmp_path / "runs", method="nn", lm=True, started=T0 + timedelta(hours=3))
-    assert report_main([str(lm)]) == 0
+    assert cmd_report([str(lm)]) == 0
     errors = pd.read_csv(lm / "report" / "error_by_domain.csv")
     assert list(errors.columns) == ERROR_COLUMNS + ["bits_per_byte"]
     assert errors["error"].isna().all() and errors["bits_per_byte"].between(0.5, 1.5).all()
@@ -91,14 +92,14 @@ def test_comparison_report_with_cache_nulls_and_lm(tmp_path: Path) -> None:
 
 
 def test_report_of_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
-    assert report_main([str(tmp_path)]) == 2
+    assert cmd_report([str(tmp_path)]) == 2
     assert "not a readable run directory" in capsys.readouterr().err
 
 
 def test_comparison_labels_intervals_and_warnings(tmp_path: Path, capsys) -> None:
     a = make_run(tmp_path / "runs", lr=1e-3, started=T0)
     b = make_run(tmp_path / "runs", lr=1e-2, model="mypkg.models:resnet", started=T0 + timedelta(hours=1))
-    assert report_main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    assert cmd_report([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "report.md").read_text()
     # labels say what differs (lr), not a run-id tail; a model column; a warning for the model
     assert "| tent lr 0.001 " in md and "| tent lr 0.01 " in md

@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import runs as runs_module
-from pipeline.meta import ROOT, SOURCE_DIRS, source_hash
+from pipeline.analysis import runs as runs_module
+from pipeline.analysis.runs import RunSet, new_run_id, query_runs
+from pipeline.analysis.runs_cli import runs_main
+from pipeline.job.provenance import ROOT, SOURCE_DIRS, source_hash
 from ttt.schema import ANALYSIS_SCHEMA, LM_RESULT_SCHEMA, RESULTS_SCHEMA
-from pipeline.runs import RunSet, new_run_id, query_runs, runs_main
 
 REPO = Path(__file__).resolve().parents[1]
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 
 
 def make_run(root: Path, *, method: str = "tent", experiment: str = "exp", tag: str | None = None,
-             status: str = "finished", model: str = "pipeline.default_model:small_cnn", lr: float = 1e-3,
+             status: str = "finished", model: str = "pipeline.embedded.model:small_cnn", lr: float = 1e-3,
              started: datetime = T0, domains: tuple[str, ...] = ("shot_noise", "fog", "rotate"),
              n_per_domain: int = 60, shards: int = 2, batch: int = 20, error_rows: int = 0, lm: bool = False,
              cache: bool = False, adapt: bool = True, seed: int = 0) -> Path:
@@ -149,7 +150,7 @@ def test_run_ids_are_unique_and_sort_by_start_time() -> None:
 
 
 def test_run_ids_are_unique_across_processes() -> None:
-    code = "from pipeline.runs import new_run_id\nprint('\\n'.join(new_run_id('tent') for _ in range(20000)))"
+    code = "from pipeline.analysis.runs import new_run_id\nprint('\\n'.join(new_run_id('tent') for _ in range(20000)))"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=60)[0].split() for p in procs]

@@ -9,10 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.settings import (
-    SettingError, apply_setting, continual, correlated, gradual, mixed_domains, read_manifest_meta,
-    reset_each_shift, write_manifest,
+from pipeline.benchmarks.settings import (
+    SettingError,
+    apply_setting,
+    continual,
+    correlated,
+    gradual,
+    mixed_domains,
+    reset_each_shift,
 )
+from pipeline.manifest import read_manifest_meta, write_manifest
 
 CORRUPTIONS = ["gaussian_noise", "fog", "contrast"]
 

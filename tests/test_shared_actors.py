@@ -50,7 +50,8 @@ def keys(cache) -> list[str]:
 
 def test_lru_evicts_least_recently_used(make_cache):
     cache, ref = make_cache(capacity=2, threshold=0.9, eviction="lru"), ray.put("adapter")
-    k0, k1 = offer(cache, 0, ref), offer(cache, 1, ref)
+    k0 = offer(cache, 0, ref)
+    offer(cache, 1, ref)
     assert lookup(cache, one_hot(0))[0] == k0  # k0 used after k1 was inserted
     k2 = offer(cache, 2, ref)
     assert keys(cache) == [k0, k2]
@@ -58,7 +59,8 @@ def test_lru_evicts_least_recently_used(make_cache):
 
 def test_lfu_evicts_least_frequently_used_ties_by_recency(make_cache):
     cache, ref = make_cache(capacity=2, threshold=0.9, eviction="lfu"), ray.put("adapter")
-    k0, k1 = offer(cache, 0, ref), offer(cache, 1, ref)
+    k0 = offer(cache, 0, ref)
+    offer(cache, 1, ref)
     for _ in range(2):
         lookup(cache, one_hot(0))
     lookup(cache, one_hot(1))  # k1 is the most recent but the less used (2 uses vs 3)

@@ -1,4 +1,4 @@
-"""pipeline.stats against values worked out by hand (formulas in the comments)."""
+"""pipeline.analysis.stats against values worked out by hand (formulas in the comments)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import mcnemar, mean_ci, paired_bootstrap, wilson_ci
+from pipeline.analysis.stats import mcnemar, mean_ci, paired_bootstrap, wilson_ci
 
 
 def test_mean_ci_student_t() -> None:

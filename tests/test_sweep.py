@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.campaign import Campaign
+from pipeline.analysis.runs import query_runs
+from pipeline.analysis.stats import mean_ci
+from pipeline.campaigns.campaign import Campaign
+from pipeline.campaigns.spec import SweepError, expand, parse_sweep
+from pipeline.campaigns.sweep import run_sweep, write_campaign
 from ttt.schema import RESULTS_SCHEMA
-from pipeline.runs import query_runs
-from pipeline.stats import mean_ci
-from pipeline.sweep import SweepError, expand, parse_sweep, run_sweep, write_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("fog", "rotate")
@@ -95,7 +96,7 @@ def write_run(root: Path, cell, error: float, n: int = 40) -> None:
             for k, d in enumerate(DOMAINS) for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), run_dir / "results" / "part-00000.parquet")
     info = {"run_id": cell.run_id, "tag": cell.config.tag, "status": "finished", "method": cell.config.ttt.method,
-            "model": "pipeline.default_model:small_cnn", "config": cell.config.model_dump(mode="json"),
+            "model": "pipeline.embedded.model:small_cnn", "config": cell.config.model_dump(mode="json"),
             "started_at": "2026-11-24T10:00:00+00:00"}
     (run_dir / "run.json").write_text(json.dumps(info))
     (run_dir / "summary.json").write_text(json.dumps({"overall": {"n": 2 * n, "error": error, "errors_rows": 0},
@@ -121,7 +122,7 @@ def test_selection_uses_only_the_validation_stream(tmp_path: Path) -> None:
         base = 0.6 if c.hp_name is None else errors[(c.role, c.hp_name)]
         write_run(tmp_path, c, base + seed_shift)
 
-    campaign = query_runs(tmp_path).campaign("camp")
+    campaign = Campaign.of(query_runs(tmp_path), "camp")
     sel = campaign.selection().set_index("choice")
     assert sel.loc["selected", "hp"] == "lr0.001" and sel.loc["oracle", "hp"] == "lr0.01"
     assert sel.loc["default", "hp"] == "lr0.0001"
@@ -166,9 +167,9 @@ def test_campaign_table_pairs_and_report(tmp_path: Path) -> None:
     assert row["diff"] == pytest.approx(0.25) and row["mcnemar_b"] == 0 and row["mcnemar_c"] == 40
     assert row["p_mcnemar"] < 1e-6 and row["ci_low"] > 0
 
-    from pipeline.report import report_main
+    from pipeline.cli import cmd_report
 
-    assert report_main(["--campaign", "camp", "--root", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    assert cmd_report(["--campaign", "camp", "--root", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "27.5 [" in md and "(n=2x80)" in md and "lr0.001" in md
     assert (tmp_path / "rep" / "table.png").read_bytes()[:4] == b"\x89PNG"

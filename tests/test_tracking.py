@@ -8,11 +8,13 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")  # pinned in requirements.lock: skipped only where it is not installed
 
-from pipeline.campaign import Campaign  # noqa: E402
-from pipeline.sweep import expand, parse_sweep, write_campaign  # noqa: E402
-from pipeline.tracking import export_campaign, export_runs  # noqa: E402
 from test_runs import make_run  # noqa: E402
 from test_sweep import spec_dict, write_run  # noqa: E402
+
+from pipeline.analysis.tracking import export_campaign, export_runs  # noqa: E402
+from pipeline.campaigns.campaign import Campaign  # noqa: E402
+from pipeline.campaigns.spec import expand, parse_sweep  # noqa: E402
+from pipeline.campaigns.sweep import write_campaign  # noqa: E402
 
 
 def test_runs_round_trip_through_mlflow(tmp_path: Path) -> None:

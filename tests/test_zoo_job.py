@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.benchmarks import build_manifest
+from pipeline.benchmarks.layouts import build_manifest
+from pipeline.benchmarks.zoo import resnet50, wide_resnet
 from pipeline.config import load_config
-from pipeline.run import run_job
-from pipeline.zoo import resnet50, wide_resnet
+from pipeline.job.runner import run_job
 
 CORRUPTIONS = ["gaussian_noise", "fog"]
 N_PER = 4  # images per severity block (10,000 in CIFAR-10-C)
@@ -27,11 +27,11 @@ STD = [0.1, 0.5, 0.25]
 
 MODELS = {
     # RobustBench's WRN at depth 10, width 1: the same blocks and names as WRN-28-10, 78k parameters
-    "wrn": {"factory": "pipeline.zoo:wide_resnet", "factory_kwargs": {"depth": 10, "widen_factor": 1, "num_classes": NUM_CLASSES},
+    "wrn": {"factory": "pipeline.benchmarks.zoo:wide_resnet", "factory_kwargs": {"depth": 10, "widen_factor": 1, "num_classes": NUM_CLASSES},
             "build": lambda: wide_resnet(depth=10, widen_factor=1, num_classes=NUM_CLASSES), "resize": None, "center_crop": None,
             "fc_scale": 4.0},
     # the full ResNet-50 (torchvision's names), fed 32 px crops of 40 px resizes to stay cheap
-    "resnet50": {"factory": "pipeline.zoo:resnet50", "factory_kwargs": {"num_classes": NUM_CLASSES},
+    "resnet50": {"factory": "pipeline.benchmarks.zoo:resnet50", "factory_kwargs": {"num_classes": NUM_CLASSES},
                  "build": lambda: resnet50(num_classes=NUM_CLASSES), "resize": 40, "center_crop": 32,
                  "fc_scale": 0.05},
 }

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 
 def _rows(dataset: str, cache_dir: str, seed: int, limit: int | None) -> datasets.DatasetDict:
-    from pipeline.data.text import ensure_text_manifest
+    from pipeline.embedded.text import ensure_text_manifest
 
     path = ensure_text_manifest(Path(cache_dir) / "text", dataset, seed)
     rows = pq.read_table(path).to_pylist()[:limit]
@@ -21,7 +21,7 @@ def _rows(dataset: str, cache_dir: str, seed: int, limit: int | None) -> dataset
 
 
 def text_choices(cache_dir: str = ".cache", seed: int = 0, limit: int | None = None, **_: object) -> datasets.DatasetDict:
-    """Next-line 4-way questions (pipeline.data.text.choice_rows): text = context, choices, label."""
+    """Next-line 4-way questions (pipeline.embedded.text.choice_rows): text = context, choices, label."""
     return _rows("text_choices", cache_dir, seed, limit)
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ttt.losses import class_distribution
 from ttt.methods.base import GradientMethod, StepResult
 
+
 @runtime_checkable
 class KnowledgeBaseService(Protocol):
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[dict | None]]]:

@@ -41,7 +41,6 @@ from ttt.config import GuardConfig
 from ttt.methods.base import StepResult
 from ttt.methods.nn import NN
 
-
 # the guards the LM fine-tune loop applies; a non-finite loss, gradient or update always restores
 LM_GUARDS = ("grad_clip", "loss_ratio_stop", "max_update_norm", "max_cumulative_update_norm")
 NONFINITE = ("nonfinite_loss", "nonfinite_grad", "nonfinite_update")

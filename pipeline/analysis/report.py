@@ -25,29 +25,23 @@ What is written (each plot is skipped, with a note in report.md, when its data i
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
 
-from pipeline.runs import RunSet, run_labels
-from pipeline.stats import wilson_ci
+from pipeline.analysis.plots import STAGES, cache_plot, heatmap, md_table, model_label, stream_plot, timing_plot
+from pipeline.analysis.runs import RunSet, run_labels
+from pipeline.analysis.stats import wilson_ci
 
 REPORT_DIR = "report"
-STAGES = ["timing_embedding", "timing_cache_lookup", "timing_kb_retrieval", "timing_fine_tuning",
-          "timing_forward_pass"]
 RESULT_COLUMNS = ["run_id", "domain", "correct", "error", "adapter_source", "nll", "n_bytes"]
 ANALYSIS_COLUMNS = ["run_id", "shard", "batch_index", "domain", "sample_ids", "losses", "steps", "class_entropy",
                     "used_cache", "cache_evictions", *STAGES, "timing_total"]
-DPI = 110
 OUTPUTS = ("report.md", "error_by_domain.csv", "error_by_domain.png", "stream.png", "cache.csv", "cache.png",
            "timing.csv", "timing.png")
 
@@ -174,153 +168,7 @@ def timing_table(stream: pd.DataFrame, by: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------- plots
-
-def _rolling(values: pd.Series) -> pd.Series:
-    # A window of ~1/40 of the stream keeps the trend readable on streams of any length.
-    return values.rolling(max(1, len(values) // 40), center=True, min_periods=1).mean()
-
-
-def _heatmap(table: pd.DataFrame, title: str, percent: bool, path: Path, texts: pd.DataFrame | None = None) -> None:
-    """Values as colours with each cell's number written in it (or `texts`' cell, e.g. with its interval)."""
-    data = table.to_numpy(dtype=float)
-    rows, cols = data.shape
-    lines = 1 if texts is None else max(1, max((str(t).count("\n") + 1 for t in texts.to_numpy().ravel()), default=1))
-    fig = Figure(figsize=(max(6.0, (0.8 + 0.35 * (lines - 1)) * cols + 3), max(2.4, (0.35 + 0.2 * lines) * rows + 2)),
-                 layout="constrained")
-    ax = fig.add_subplot()
-    finite = data[np.isfinite(data)]
-    vmax = float(finite.max()) if finite.size else 1.0
-    cmap = colormaps["YlOrRd"].with_extremes(bad="#dddddd")  # grey: no scored rows in that cell
-    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax or 1.0, aspect="auto")
-    for r in range(rows):
-        for c in range(cols):
-            value = data[r, c]
-            text = "-" if not np.isfinite(value) else (f"{100 * value:.1f}" if percent else f"{value:.3f}")
-            if texts is not None and isinstance(texts.iat[r, c], str):
-                text = texts.iat[r, c]
-            dark = np.isfinite(value) and value > 0.6 * vmax
-            ax.text(c, r, text, ha="center", va="center", fontsize=8 if lines < 3 else 6.5,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(cols), labels=list(table.columns), rotation=45, ha="right")
-    ax.set_yticks(range(rows), labels=list(table.index))
-    for c, name in enumerate(table.columns):  # a line before each `mean` column (one per setting in a campaign)
-        if str(name).endswith("mean") and c > 0:
-            ax.axvline(c - 0.5, color="black", linewidth=1.5)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, shrink=0.9, label="error" if percent else "bits per byte",
-                 format=PercentFormatter(1.0) if percent else None)
-    fig.savefig(path, dpi=DPI)
-
-
-def _mark_stream(ax: Any, frame: pd.DataFrame, domain_labels: bool) -> None:
-    """One run: dashed lines where shards start, dotted lines (and top labels) where domains change."""
-    starts = frame["x"] - frame["samples"]
-    for start in starts[frame["shard"].ne(frame["shard"].shift())].iloc[1:]:
-        ax.axvline(start, color="grey", linestyle="--", linewidth=1)
-    domain = frame["domain"].fillna("(none)")
-    change = domain.ne(domain.shift()) | frame["shard"].ne(frame["shard"].shift())
-    seg_start = starts[change].to_numpy()
-    seg_end = np.append(seg_start[1:], frame["x"].iloc[-1])
-    names = domain[change].tolist()
-    for s in seg_start[1:]:
-        ax.axvline(s, color="lightgrey", linestyle=":", linewidth=0.8)
-    if domain_labels and len(names) <= 60:
-        top = ax.secondary_xaxis("top")
-        top.set_xticks((seg_start + seg_end) / 2, labels=names)
-        top.tick_params(labelrotation=90, labelsize=7, length=0)
-
-
-def _stream_plot(stream: pd.DataFrame, single: bool, path: Path) -> bool:
-    has_loss = stream["loss_first"].notna().any()
-    has_entropy = "class_entropy" in stream and stream["class_entropy"].notna().any()
-    if not (has_loss or has_entropy):
-        return False
-    fig = Figure(figsize=(11, 6.5), layout="constrained")
-    ax_loss, ax_ent = fig.subplots(2, 1, sharex=True)
-    multi_step = "steps" in stream and (stream["steps"].fillna(0) > 1).any()
-    colors = [f"C{i % 10}" for i in range(stream["label"].nunique())]
-    for color, (label, run) in zip(colors, stream.groupby("label", sort=False)):
-        if run["loss_first"].notna().any():
-            ax_loss.plot(run["x"], run["loss_first"], color=color, alpha=0.25, linewidth=0.8)
-            ax_loss.plot(run["x"], _rolling(run["loss_first"]), color=color, label=f"{label}: first step")
-            if multi_step:
-                ax_loss.plot(run["x"], _rolling(run["loss_last"]), color=color, linestyle="--",
-                             label=f"{label}: last step")
-        if has_entropy and run["class_entropy"].notna().any():
-            ax_ent.plot(run["x"], run["class_entropy"], color=color, alpha=0.25, linewidth=0.8)
-            ax_ent.plot(run["x"], _rolling(run["class_entropy"]), color=color, label=label)
-    if has_loss:
-        ax_loss.legend(fontsize=8, loc="upper right")
-    else:
-        ax_loss.text(0.5, 0.5, "no adaptation losses recorded", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_ylabel("adaptation loss")
-    ax_ent.set_ylabel("class entropy (normalised)")
-    ax_ent.set_ylim(0, 1.05)
-    if has_entropy:
-        ax_ent.legend(fontsize=8, loc="lower right")
-    ax_ent.set_xlabel("samples into the stream (shards in manifest order; faint: per batch, solid: rolling mean)")
-    if single:
-        _mark_stream(ax_loss, stream, domain_labels=True)
-        _mark_stream(ax_ent, stream, domain_labels=False)
-    fig.savefig(path, dpi=DPI)
-    return True
-
-
-def _cache_plot(stream: pd.DataFrame, cache: pd.DataFrame, path: Path) -> None:
-    over_time = "cache_evictions" in stream and stream["cache_evictions"].notna().any()
-    fig = Figure(figsize=(11, 6.5 if over_time else 4), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True) if over_time else [fig.subplots()]
-    for i, (label, run) in enumerate(stream[stream["label"].isin(cache["label"])].groupby("label", sort=False)):
-        used = run["used_cache"].astype("float")
-        cumulative = used.fillna(0).cumsum() / used.notna().cumsum().replace(0, np.nan)
-        evictions = cache.loc[cache["label"] == label, "evictions"].iloc[0]
-        suffix = "" if over_time or pd.isna(evictions) else f" ({int(evictions)} evictions in all)"
-        axes[0].plot(run["x"], cumulative, color=f"C{i % 10}", linewidth=2, label=f"{label}: cumulative{suffix}")
-        axes[0].plot(run["x"], _rolling(used), color=f"C{i % 10}", alpha=0.5, linewidth=0.8,
-                     label=f"{label}: rolling mean")
-        if over_time:
-            axes[1].plot(run["x"], run["cache_evictions"], color=f"C{i % 10}", label=label)
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("cache hit rate")
-    axes[0].legend(fontsize=8, loc="lower right")
-    if over_time:
-        axes[1].set_ylabel("evictions so far")
-        axes[1].legend(fontsize=8)
-    axes[-1].set_xlabel("samples into the stream (shards in manifest order)")
-    fig.savefig(path, dpi=DPI)
-
-
-def _timing_plot(table: pd.DataFrame, by: str, path: Path) -> None:
-    every = [s.removeprefix("timing_") for s in STAGES] + ["other"]
-    parts = [p for p in every if table[p].fillna(0).gt(0).any()]
-    fig = Figure(figsize=(max(5.0, 1.1 * len(table) + 3.5), 4.5), layout="constrained")
-    ax = fig.subplots()
-    names = [f"shard {v}" if by == "shard" else str(v) for v in table[by]]
-    bottom = np.zeros(len(table))
-    for part in parts:
-        values = table[part].fillna(0).to_numpy()
-        ax.bar(names, values, bottom=bottom, label=part, color=f"C{every.index(part)}")  # same colour in every report
-        bottom += values
-    for i, total in enumerate(table["total"]):
-        if pd.isna(total):
-            ax.text(i, 0, "no timing", ha="center", va="bottom", fontsize=8, color="grey")
-    ax.set_ylabel("ms per sample")
-    ax.set_title("time per stage")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
-    fig.savefig(path, dpi=DPI)
-
-
 # ------------------------------------------------------------------------------- report
-
-def _md_table(frame: pd.DataFrame, index: bool = False) -> str:
-    # Cells become text first: tabulate would otherwise print integer columns with the float format.
-    text = frame.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
-                       if pd.api.types.is_float_dtype(col) else col.map(lambda v: "-" if v is None else str(v)))
-    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in frame.columns]
-    return text.to_markdown(index=index, disable_numparse=True, colalign=(["left"] if index else []) + align)
-
 
 def _cache_table(runs: RunSet, labels: list[str], stream: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """Runs that used the adapter cache: summary.json counters and what the rows recorded."""
@@ -354,14 +202,6 @@ def _error_rows_md(results: pd.DataFrame, runs: RunSet, labels: list[str]) -> li
     return lines + [""]
 
 
-def _model_label(meta: dict[str, Any]) -> str:
-    """The model column: the factory's function (or LM folder) and the checkpoint's file name."""
-    model = (meta.get("config") or {}).get("model") or {}
-    name = str(meta.get("model") or model.get("factory") or "?").rstrip("/").rsplit(":", 1)[-1].rsplit("/", 1)[-1]
-    ckpt = model.get("checkpoint")
-    return f"{name} ({Path(ckpt).name})" if ckpt else name
-
-
 def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
     """Write the CSVs, PNGs and report.md for `runs` into `out_dir`; returns report.md's path."""
     out_dir = Path(out_dir)
@@ -376,19 +216,19 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
     stream = stream_frame(analysis, runs, labels)
 
     md = [f"# Report: {title}", "",
-          f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run(s).", ""]
+          f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run(s).", ""]
     errors = error_table(results, runs, labels)
     errors.to_csv(out_dir / "error_by_domain.csv", index=False)
     per_run = errors.groupby("run_id", sort=False)[["n", "scored", "wrong", "error_rows"]].sum()
     per_run = per_run.reindex(runs.run_ids).fillna(0)
     per_run["error"] = per_run["wrong"] / per_run["scored"].replace(0, np.nan)
     overview = pd.DataFrame([{
-        "label": label, "run_id": meta["run_id"], "model": _model_label(meta), "experiment": meta.get("experiment"),
+        "label": label, "run_id": meta["run_id"], "model": model_label(meta), "experiment": meta.get("experiment"),
         "tag": meta.get("tag") or "-",
         "status": meta.get("status"), "predict_from": meta.get("predict_from"), "rows": int(counts["n"]),
         "error rows": int(counts["error_rows"]), "error %": 100 * counts["error"],
     } for meta, label, (_, counts) in zip(runs, labels, per_run.iterrows())])
-    md += ["## Runs", "", _md_table(overview), ""]
+    md += ["## Runs", "", md_table(overview), ""]
     warnings = comparison_warnings(list(runs), labels) if not single else []
     if warnings:
         for w in warnings:
@@ -408,19 +248,19 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
         cells = error_cell_texts(errors, labels, sep="\n") if percent else None
         if cells is not None:  # the heat map's mean column is the pooled error, as its text says
             table["mean"] = errors.groupby("label", sort=False)["wrong"].sum() / errors.groupby("label", sort=False)["scored"].sum().replace(0, np.nan)
-        _heatmap(table, "error per domain (%), 95% interval, n" if percent else "bits per byte per domain", percent,
+        heatmap(table, "error per domain (%), 95% interval, n" if percent else "bits per byte per domain", percent,
                  out_dir / "error_by_domain.png", texts=cells)
         md += ["![error per domain](error_by_domain.png)", "",
                ("Error % per domain with its 95% Wilson interval over the run's samples and n (scored rows); "
                 "`mean` pools a run's scored rows." if percent else "Bits per byte per domain."), "",
-               _md_table(error_cell_texts(errors, labels).reset_index()) if percent else _md_table(table, index=True), ""]
+               md_table(error_cell_texts(errors, labels).reset_index()) if percent else md_table(table, index=True), ""]
         if percent and "bits_per_byte" in errors:
-            md += ["Bits per byte:", "", _md_table(wide(errors, "bits_per_byte", labels), index=True), ""]
+            md += ["Bits per byte:", "", md_table(wide(errors, "bits_per_byte", labels), index=True), ""]
     md += ["Full table: [error_by_domain.csv](error_by_domain.csv)", ""]
     md += _error_rows_md(results, runs, labels)
 
     md += ["## Along the stream", ""]
-    if _stream_plot(stream, single, out_dir / "stream.png"):
+    if stream_plot(stream, single, out_dir / "stream.png"):
         md += ["![loss and class entropy along the stream](stream.png)", "",
                "Top: adaptation loss at the first step of each batch (the loss before that batch's update"
                + ("; dashed: last step" if "steps" in stream and (stream["steps"].fillna(0) > 1).any() else "")
@@ -436,8 +276,8 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
                "counters): plot skipped.", ""]
     else:
         cache.to_csv(out_dir / "cache.csv", index=False)
-        _cache_plot(stream, cache, out_dir / "cache.png")
-        md += ["![cache hit rate along the stream](cache.png)", "", _md_table(cache), "",
+        cache_plot(stream, cache, out_dir / "cache.png")
+        md += ["![cache hit rate along the stream](cache.png)", "", md_table(cache), "",
                "Counters come from summary.json; `queries_from_cache` from analysis `used_cache`; `rows_*` count "
                "results by `adapter_source`.", ""]
 
@@ -449,10 +289,10 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
         md += ["No timing recorded: plot skipped.", ""]
     else:
         timing.to_csv(out_dir / "timing.csv", index=False)
-        _timing_plot(timing, by, out_dir / "timing.png")
+        timing_plot(timing, by, out_dir / "timing.png")
         md += ["![time per stage](timing.png)", "", "Milliseconds per sample, summed over batches"
                + (" per shard." if single else " per run.") + " `other` is `timing_total` minus the stages.", "",
-               _md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
+               md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
 
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
@@ -467,32 +307,3 @@ def write_reports(run_dirs: list[str | Path], out: str | Path | None = None) -> 
         target = Path(out) if out is not None else runs.path(0) / REPORT_DIR / "compare"
         written.append(render(runs, target, f"comparison of {len(runs)} runs"))
     return written
-
-
-def report_main(argv: list[str]) -> int:
-    """`python -m pipeline report RUN_DIR [RUN_DIR ...] [--out DIR]` or `report --campaign NAME
-    [--root runs] [--out DIR]`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline report",
-                                     description="write CSV + PNG reports and report.md into RUN_DIR/report/, "
-                                                 "or a campaign's table (pipeline sweep) with --campaign")
-    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories")
-    parser.add_argument("--campaign", help="a campaign's name: its table, paired tests and selection")
-    parser.add_argument("--root", default="runs", help="--campaign: the output root holding it (default: runs)")
-    parser.add_argument("--out", help="where the comparison of several runs (or the campaign report) goes "
-                                      "(default: FIRST_RUN_DIR/report/compare/, or <root>/.campaigns/NAME/report/)")
-    args = parser.parse_args(argv)
-    if bool(args.campaign) == bool(args.run_dirs):
-        print("error: give RUN_DIR(s) or --campaign NAME", file=sys.stderr)
-        return 2
-    try:
-        if args.campaign:
-            from pipeline.campaign import Campaign  # imports this module: loaded on use
-
-            print(Campaign(args.root, args.campaign).report(args.out))
-            return 0
-        for path in write_reports(args.run_dirs, args.out):
-            print(path)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.fingerprint import manifest_files
+from pipeline.manifest import manifest_files
 from ttt.images import ImageSpec
 from workers.adapters import ImageRowReader
 

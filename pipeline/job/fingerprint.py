@@ -15,16 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kb_index.embedders import file_digest
+from pipeline.manifest import manifest_files
 
 _FOOTER_TAIL = 8  # Parquet ends with <footer length: 4 bytes LE><"PAR1">
-
-
-def manifest_files(manifest: str | Path) -> list[Path]:
-    """The Parquet files of a manifest (one file, or a directory of parts), in a stable order."""
-    p = Path(manifest)
-    if p.is_file():
-        return [p]
-    return sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith((".", "_")))
 
 
 def manifest_fingerprint(manifest: str | Path) -> str:

@@ -7,25 +7,27 @@ workers (possibly on other nodes) never build anything themselves.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kb_index import IndexSpec, SentenceEmbedder, build_kb
 from kb_index.embedders import ImagePreprocess, TorchFeatureEmbedder
-from pipeline.build_kb import usable_cpus
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data import smollm2
-from pipeline.data import text as text_data
-from pipeline.data.mnistc import ensure_mnistc, load_train_split
-from pipeline.default_model import ensure_default_checkpoint
+from pipeline.embedded import smollm2
+from pipeline.embedded import text as text_data
+from pipeline.embedded.kb import usable_cpus
+from pipeline.embedded.mnistc import ensure_mnistc, load_train_split
+from pipeline.embedded.model import ensure_default_checkpoint
+from pipeline.embedded.tiny_lm import train_tiny_lm
 from ttt.images import ImageSpec
 from workers.models import NO_CHECKPOINT
 from workers.ttt_worker import build_adapter, embedder_name
 
-DEFAULT_FACTORY = "pipeline.default_model:small_cnn"
+DEFAULT_FACTORY = "pipeline.embedded.model:small_cnn"
 
 
 def resolve_defaults(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
@@ -41,7 +43,7 @@ def resolve_defaults(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
     if cfg.model.kind == "causal_lm":
         path = cfg.model.path
         if path is None:
-            path = text_data.train_tiny_lm(text_cache(cfg), seed=cfg.data.seed)
+            path = train_tiny_lm(text_cache(cfg), seed=cfg.data.seed)
         elif Path(path).resolve() == smollm2.model_dir(cfg.data.cache_dir).resolve():
             path = smollm2.ensure_smollm2(cfg.data.cache_dir)  # converted from the package's GGUF once
         if not (Path(path) / "config.json").is_file():

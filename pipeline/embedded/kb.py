@@ -71,7 +71,7 @@ def make_embedder(spec: str, threads: int) -> Embedder:
     if spec.startswith("cnn:"):
         import torch
 
-        from pipeline.default_model import small_cnn
+        from pipeline.embedded.model import small_cnn
 
         ckpt = Path(spec[len("cnn:"):])
         if not ckpt.is_file():

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import REPORT_DIR, write_reports
-from pipeline.runs import RunSet
+from pipeline.analysis.report import REPORT_DIR, write_reports
+from pipeline.analysis.runs import RunSet
 
 RUN_TAG = "ttt.run_id"
 BATCH_PARAMS = 100

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.corruptions import CORRUPTIONS, corrupt
+from pipeline.embedded.corruptions import CORRUPTIONS, corrupt
 from pipeline.manifest import ROW_GROUP_ROWS
 
 DEFAULT_CORRUPTIONS: tuple[str, ...] = (

@@ -3,7 +3,8 @@
 Why: every run is a self-describing directory (DESIGN.md, "Outputs: one directory per run"),
 so the directory tree under the output root is the database, in the spirit of easyroutine's
 ActivationSaver/Loader. A notebook asks `query_runs(root, method="tent")` and gets a RunSet;
-`python -m pipeline runs list|show|compare` prints the same selections as tables.
+`python -m pipeline runs list|show|compare` (pipeline/analysis/runs_cli.py) prints the same
+selections as tables.
 
 Reading many runs' Parquet is one pyarrow dataset scan over the part files of all selected
 runs: one scan plans the I/O and reads in parallel, and runs whose schemas differ (LM runs add
@@ -11,14 +12,12 @@ columns) come back as one frame with nulls where a column does not apply.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-# Run identity and provenance live in pipeline.meta (the job imports them from there); they are
+from pipeline.job.outputs import write_json
+
+# Run identity and provenance live in pipeline.job.provenance (the job imports them from there); they are
 # re-exported so a notebook finds every run-registry helper in one module.
-from pipeline.meta import git_commit, new_run_id, package_versions
-from pipeline.outputs import write_json
-from pipeline.settings import read_manifest_meta
-from ttt.methods import METHODS
+from pipeline.job.provenance import git_commit, new_run_id, package_versions
+from pipeline.manifest import read_manifest_meta
 from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, RESULTS_SCHEMA
 
-__all__ = ["RunSet", "query_runs", "new_run_id", "git_commit", "package_versions", "runs_main"]
+__all__ = ["RunSet", "query_runs", "run_labels", "new_run_id", "git_commit", "package_versions"]
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -66,7 +65,7 @@ def _dotted(mapping: Any, key: str) -> Any:
 def _as_utc(value: datetime | str) -> datetime:
     when = datetime.fromisoformat(value) if isinstance(value, str) else value
     # Run timestamps are written in UTC; a naive `since` is read as UTC too.
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _started(meta: dict[str, Any]) -> datetime | None:
@@ -185,16 +184,6 @@ class RunSet:
         run_dir, _ = self._runs.pop(index)
         shutil.rmtree(run_dir)
 
-    def campaign(self, name: str) -> Any:
-        """The campaign `name` (a `pipeline.sweep` run) whose runs this set holds: its table with
-        intervals over seeds, paired tests, hyperparameter selection and report (pipeline.campaign)."""
-        from pipeline.campaign import Campaign  # imports this module: loaded on use
-
-        roots = {path.parent for path, meta in self._runs if meta.get("tag") == name}
-        if len(roots) != 1:
-            raise ValueError(f"campaign {name!r}: {'no run in this set is tagged with it' if not roots else f'runs under {len(roots)} roots'}")
-        return Campaign(roots.pop(), name)
-
     def rename_experiment(self, index: int, name: str) -> None:
         """Move one run to another experiment by rewriting run.json atomically.
 
@@ -258,50 +247,11 @@ def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None
         found.append((run_dir, meta))
     # The directory name is the run id, which sorts by start time; started_at decides first
     # so renamed or copied directories still order by when they ran.
-    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    epoch = datetime.min.replace(tzinfo=UTC)
     found.sort(key=lambda r: (_started(r[1]) or epoch, r[1]["run_id"]))
     return RunSet(found)
 
 
-# ---------------------------------------------------------------- CLI: python -m pipeline runs
-
-def _config_filter(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--config expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(raw)  # 0.001 -> float, true -> bool, null -> None
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default="runs", help="output root holding run directories (default: runs)")
-    for name in ("experiment", "model", "method", "status", "tag"):
-        parser.add_argument(f"--{name}", action="append", help=f"keep runs with this {name} (repeatable)")
-    parser.add_argument("--since", help="keep runs started at or after this ISO time (UTC if no zone)")
-    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                        help="keep runs whose resolved config has KEY (dotted) = VALUE (repeatable)")
-
-
-def _query(args: argparse.Namespace) -> RunSet:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runs = query_runs(args.root, experiment=args.experiment, model=args.model, method=args.method,
-                          tag=args.tag, status=args.status, since=args.since, config=_config_filter(args.config))
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return runs
-
-
-def _percent(value: Any) -> str:
-    return "-" if value is None or pd.isna(value) else f"{100 * value:.2f}"
-
-
-# Fields that tell compared runs apart, in the order a label names them (only those that vary).
 LABEL_FIELDS: tuple[tuple[str, str], ...] = (
     ("setting", "setting"), ("seed", "ttt.seed"), ("data seed", "data.seed"), ("lr", "ttt.lr"),
     ("steps", "ttt.steps"), ("batch", "ttt.batch_size"), ("severity", "data.severity"),
@@ -309,7 +259,7 @@ LABEL_FIELDS: tuple[tuple[str, str], ...] = (
 
 
 def manifest_setting(meta: dict[str, Any]) -> str | None:
-    """The evaluation setting a run's manifest was written with (pipeline.settings), if it says."""
+    """The evaluation setting a run's manifest was written with (pipeline.benchmarks.settings), if it says."""
     manifest = _dotted(meta.get("config"), "data.manifest")
     if not isinstance(manifest, str):
         return None
@@ -339,109 +289,3 @@ def run_labels(runs: RunSet) -> list[str]:
               for lab, m in zip(labels, metas)]
     # Still the same twice: the full run id, which is unique.
     return [lab if labels.count(lab) == 1 else f"{lab} {m['run_id']}" for lab, m in zip(labels, metas)]
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    runs = _query(args)
-    if not len(runs):
-        print(f"no runs under {args.root} match")
-        return 0
-    frame = runs.to_frame()[["run_id", "experiment", "tag", "method", "status", "started_at", "n", "error"]]
-    frame = frame.assign(started_at=frame["started_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
-                         n=frame["n"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
-                         error=frame["error"].map(_percent), tag=frame["tag"].fillna("-"))
-    print(frame.rename(columns={"error": "error %"}).to_string(index=False))
-    return 0
-
-
-def _select(runs: RunSet, wanted: list[str]) -> RunSet:
-    """Runs named by id or unique id prefix, in the order named."""
-    chosen = []
-    ids = runs.run_ids
-    for name in wanted:
-        hits = [i for i, rid in enumerate(ids) if rid == name] or [i for i, rid in enumerate(ids) if rid.startswith(name)]
-        if len(hits) != 1:
-            raise ValueError(f"run {name!r} {'matches no' if not hits else f'is ambiguous among {len(hits)}'} "
-                             f"run(s) under the selected root and filters")
-        chosen.append(runs._runs[hits[0]])
-    return RunSet(chosen)
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    runs = _select(_query(args), [args.run])
-    meta, summary = runs[0], runs.summary(0) or {}
-    lines = [f"run_dir      {runs.path(0)}"]
-    for key in ("run_id", "experiment", "tag", "status", "method", "model", "dataset", "predict_from",
-                "config_hash", "git_commit", "source_hash", "started_at", "ended_at", "error"):
-        lines.append(f"{key:<13}{meta.get(key)}")
-    lines.append(f"{'counts':<13}{json.dumps(meta.get('counts'))}")
-    lines.append(f"{'versions':<13}{json.dumps(meta.get('versions'))}")
-    ttt = dict((meta.get("config") or {}).get("ttt") or {})
-    # Method sub-sections of other methods (cotta.* on a tent run) only add noise.
-    for section in METHODS:  # every method's config block is named after the method
-        if section != meta.get("method"):
-            ttt.pop(section, None)
-    flat = pd.json_normalize(ttt, sep=".").iloc[0].to_dict() if ttt else {}
-    if flat:
-        lines.append("ttt          " + ", ".join(f"{k}={v}" for k, v in flat.items() if v is not None))
-    print("\n".join(lines))
-    per_domain = summary.get("per_domain") or {}
-    if per_domain:
-        table = pd.DataFrame([{"domain": d, "n": s.get("n"), "error %": _percent(s.get("error")),
-                               **({"bits/byte": s["bits_per_byte"]} if "bits_per_byte" in s else {})}
-                              for d, s in per_domain.items()])
-        print("\n" + table.to_string(index=False))
-    overall = summary.get("overall")
-    if overall:
-        print(f"\noverall: n={overall.get('n')} error %={_percent(overall.get('error'))} "
-              f"error rows={overall.get('errors_rows')}")
-    for key in ("throughput", "cache"):
-        if summary.get(key):
-            print(f"{key}: {json.dumps(summary[key])}")
-    if not summary:
-        print(f"\nno {SUMMARY_FILE} (status {meta.get('status')})")
-    return 0
-
-
-def compare_table(runs: RunSet) -> pd.DataFrame:
-    """Error per domain (columns) for each run (rows, labelled by method), plus the domain mean."""
-    frame = runs.to_frame()
-    domains = [c for c in frame.columns if c.startswith("error/")]
-    table = frame[domains].rename(columns=lambda c: c.split("/", 1)[1])
-    table.index = run_labels(runs)
-    table.index.name = "method"
-    table["mean"] = table.mean(axis=1)
-    return table
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    runs = _query(args)
-    if args.runs:
-        runs = _select(runs, args.runs)
-    if not len(runs):
-        print(f"no runs under {args.root} match")
-        return 0
-    table = compare_table(runs)
-    print(table.map(_percent).to_string())
-    print("(error % per domain; mean over domains)")
-    return 0
-
-
-def runs_main(argv: list[str]) -> int:
-    """`python -m pipeline runs list|show|compare ...`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline runs", description="find and compare runs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="list runs (oldest first) with headline error")
-    _add_filters(p_list)
-    p_show = sub.add_parser("show", help="metadata and per-domain error of one run")
-    p_show.add_argument("run", help="run id or a unique prefix of one")
-    _add_filters(p_show)
-    p_cmp = sub.add_parser("compare", help="method x domain error table")
-    p_cmp.add_argument("runs", nargs="*", help="run ids or unique prefixes (default: every run the filters keep)")
-    _add_filters(p_cmp)
-    args = parser.parse_args(argv)
-    try:
-        return {"list": _cmd_list, "show": _cmd_show, "compare": _cmd_compare}[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

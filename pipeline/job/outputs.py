@@ -11,8 +11,9 @@ import errno
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -261,3 +262,29 @@ def append_log(path: Path, analysis: list[dict[str, Any]]) -> None:
     with path.open("a") as fh:
         for rec in analysis:
             fh.write(json.dumps({k: rec.get(k) for k in LOG_FIELDS}, default=float) + "\n")
+
+
+def format_summary(run_dir: Path) -> str:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    lm = summary["overall"].get("bits_per_byte") is not None
+    lines = [f"run {info['run_id']}  method={info['method']}  predict_from={info['predict_from']}",
+             f"{'domain':<16}{'n':>7}{'error %':>10}" + (f"{'bits/byte':>11}" if lm else "")]
+    for domain, d in summary["per_domain"].items():
+        err = "-" if d["error"] is None else f"{100 * d['error']:.2f}"
+        lines.append(f"{domain:<16}{d['n']:>7}{err:>10}" + (f"{d.get('bits_per_byte', float('nan')):>11.4f}" if lm else ""))
+    per = [d["error"] for d in summary["per_domain"].values() if d["error"] is not None]
+    if per:
+        lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}")
+    o = summary["overall"]
+    if o.get("bits_per_byte") is not None:
+        lines.append(f"bits per byte {o['bits_per_byte']:.4f} (all scored bytes)")
+    lines.append(f"rows {o['n']}, error rows {o['errors_rows']}, {summary['throughput']['samples_per_s'] or 0:.2f} samples/s")
+    if summary.get("cache"):
+        c = summary["cache"]
+        lines.append(f"adapter cache: hit rate {c['hit_rate']:.2f} ({c['hits']} hits, {c['misses']} misses, "
+                     f"{c['evictions']} evictions)")
+    lines.append(f"run dir:  {run_dir.resolve()}")
+    lines.append(f"results:  {(run_dir / 'results').resolve()}")
+    lines.append(f"analysis: {(run_dir / 'analysis').resolve()}")
+    return "\n".join(lines)

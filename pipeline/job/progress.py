@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
 SHOWN_SHARDS = 8  # beyond this many running shards the line shows the slowest ones only
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
 
 
 class Progress:

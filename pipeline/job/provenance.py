@@ -6,17 +6,17 @@ import importlib.metadata
 import os
 import secrets
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("pipeline", "workers", "ttt", "kb_index")  # the code a run executes
 _PACKAGES = ("torch", "ray", "faiss-cpu", "pyarrow", "pandas", "numpy", "transformers", "peft", "ttt-pipeline")
 
 
 def new_run_id(method: str) -> str:
     """Sortable by start time and unique across processes: microsecond UTC stamp + random suffix."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S-%f")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S-%f")
     return f"{stamp}-{method}-{secrets.token_hex(3)}"
 
 
@@ -35,7 +35,7 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     uploaded working dir has no .git), else `git rev-parse HEAD` in the source tree."""
     if os.environ.get("TTT_GIT_COMMIT"):
         return os.environ["TTT_GIT_COMMIT"]
-    cwd = Path(path) if path else Path(__file__).resolve().parents[1]
+    cwd = Path(path) if path else Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.defaults import ensure_kb, resolve_defaults
+from pipeline.embedded.resolve import ensure_kb, resolve_defaults
 from pipeline.manifest import check_manifest
 from ttt import build_method
 from ttt.methods import method_class

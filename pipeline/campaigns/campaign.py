@@ -1,5 +1,5 @@
 """A campaign's selection and table, read from its record (`.campaigns/<name>/campaign.json`,
-written by `pipeline.sweep`) and its runs' results Parquet alone: no Ray, no torch.
+written by `pipeline.campaigns.sweep`) and its runs' results Parquet alone: no Ray, no torch.
 
 - `selection()`: per tuned method and group (every axis but the `select_over` ones, e.g. per
   setting), the grid point with the lowest validation error (mean over domains, then over the
@@ -20,19 +20,24 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.report import _heatmap, _md_table, _model_label, comparison_warnings
-from pipeline.runs import RunSet
-from pipeline.stats import mcnemar, mean_ci, paired_bootstrap
-from pipeline.sweep import campaign_dir
+from pipeline.analysis.plots import heatmap, md_table, model_label
+from pipeline.analysis.report import comparison_warnings
+from pipeline.analysis.runs import RunSet
+from pipeline.analysis.stats import mcnemar, mean_ci, paired_bootstrap
 
 METHOD_AXIS, SETTING_AXIS = "method", "setting"
+CAMPAIGNS_DIR = ".campaigns"  # under output_root; the dot keeps query_runs from reading it as a run
+
+
+def campaign_dir(output_root: str | Path, name: str) -> Path:
+    return Path(output_root) / CAMPAIGNS_DIR / name
 
 
 class Campaign:
@@ -47,6 +52,14 @@ class Campaign:
         self.cells: list[dict[str, Any]] = self.record["cells"]
         self.over: list[str] = list(self.record.get("select_over") or [])
         self._errors: pd.DataFrame | None = None
+
+    @classmethod
+    def of(cls, runs: RunSet, name: str) -> "Campaign":
+        """The campaign `name` whose runs `runs` holds (e.g. `Campaign.of(query_runs("runs"), "camp")`)."""
+        roots = {runs.path(i).parent for i, meta in enumerate(runs) if meta.get("tag") == name}
+        if len(roots) != 1:
+            raise ValueError(f"campaign {name!r}: {'no run in this set is tagged with it' if not roots else f'runs under {len(roots)} roots'}")
+        return cls(roots.pop(), name)
 
     def __repr__(self) -> str:
         return f"Campaign({self.name!r}, {len(self.cells)} cells under {self.root})"
@@ -80,7 +93,7 @@ class Campaign:
                     "row": self._row_label(cell), "setting": cell["labels"].get(SETTING_AXIS, "-"),
                     "seed": self._seed(cell), "hp": cell.get("hp_name"), "default_hp": cell.get("default_hp", False),
                     "status": None if meta is None else meta.get("status"),
-                    "model": None if meta is None else _model_label(meta)}
+                    "model": None if meta is None else model_label(meta)}
             group = grouped.get(cell["run_id"])
             if group is None or meta is None or meta.get("status") != "finished":
                 continue
@@ -198,7 +211,7 @@ class Campaign:
             print(f"warning: {w}", file=sys.stderr)
         missing = [c["name"] for c in self.cells if not _finished(self.root / c["run_id"])]
         md = [f"# Campaign {self.name}", "",
-              f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(self.cells)} cells "
+              f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {len(self.cells)} cells "
               f"({sum(c['role'] == 'validation' for c in self.cells)} on the validation stream).", ""]
         if missing:
             md += [f"**Note:** {len(missing)} cell(s) not finished: {', '.join(missing[:8])}"
@@ -211,16 +224,16 @@ class Campaign:
                "best on test, `(default)` the config's own values.", ""]
         if not table.empty:
             means = table[table["domain"] == "mean"]
-            md += [_md_table(_wide_text(means)), ""]
+            md += [md_table(_wide_text(means)), ""]
             texts, values = _heat_frames(table)
-            _heatmap(values, f"campaign {self.name}: test error (%), mean over seeds, 95% CI", True,
+            heatmap(values, f"campaign {self.name}: test error (%), mean over seeds, 95% CI", True,
                      out / "table.png", texts=texts)
             md += ["![test error per setting and domain](table.png)", "",
                    "Every domain: [table.csv](table.csv) (columns `n_seeds`, `n_per_seed`, `ci_low`, `ci_high`, "
                    "`seeds`).", ""]
         md += ["## Hyperparameter selection", "", "Chosen on the validation stream only (mean over "
                f"{', '.join(self.over) or 'cells'}); the oracle is the best on test.", ""]
-        md += [_md_table(selection.assign(validation_error=100 * selection["validation_error"],
+        md += [md_table(selection.assign(validation_error=100 * selection["validation_error"],
                                           test_error=100 * selection["test_error"])
                          .rename(columns={"validation_error": "validation error %", "test_error": "test error %"}))
                if not selection.empty else "No tuned methods.", ""]
@@ -229,7 +242,7 @@ class Campaign:
                "(b: only a right, c: only b right).", ""]
         if not pairs.empty:
             shown = pairs.assign(**{c: 100 * pairs[c] for c in ("error_a", "error_b", "diff", "ci_low", "ci_high")})
-            md += [_md_table(shown[["setting", "a", "b", "n", "error_a", "error_b", "diff", "ci_low", "ci_high",
+            md += [md_table(shown[["setting", "a", "b", "n", "error_a", "error_b", "diff", "ci_low", "ci_high",
                                     "p_bootstrap", "mcnemar_b", "mcnemar_c", "p_mcnemar"]]), ""]
         else:
             md += ["No pairs (fewer than two methods finished).", ""]

@@ -27,22 +27,15 @@ References followed (read, not copied):
   number of samples per class; with the default slots the runs stay ~N/K^2 long.
 
 The metadata goes into the Parquet file's key/value schema metadata under `ttt_pipeline.manifest`
-(JSON); `read_manifest_meta(path)` reads it back so the job can copy it into run.json.
+(JSON), written and read back by `pipeline.manifest` (`write_manifest`, `read_manifest_meta`).
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.manifest import ROW_GROUP_ROWS
-
-META_KEY = b"ttt_pipeline.manifest"
 SETTINGS: tuple[str, ...] = ("reset_each_shift", "continual", "gradual", "mixed_domains", "correlated")
 # Which value of the run config's `ttt.reset_on_domain_change` each setting is defined with.
 EXPECTS_RESET: dict[str, bool] = {
@@ -212,30 +205,3 @@ def apply_setting(pool: pa.Table, setting: str, **params: Any) -> tuple[pa.Table
         return SETTING_FUNCTIONS[setting](pool, **params)
     except TypeError as exc:  # a parameter the setting does not take
         raise SettingError(f"setting {setting}: {exc}") from None
-
-
-def write_manifest(table: pa.Table, meta: dict[str, Any], path: str | Path) -> Path:
-    """Write the ordered manifest with `meta` in its schema metadata (atomically: temp + rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = dict(table.schema.metadata or {})
-    existing[META_KEY] = json.dumps(meta, sort_keys=True).encode()
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table.replace_schema_metadata(existing), tmp, row_group_size=ROW_GROUP_ROWS)
-    os.replace(tmp, out)
-    return out
-
-
-def read_manifest_meta(path: str | Path) -> dict[str, Any]:
-    """The setting and build parameters a manifest was written with; {} for a manifest without them
-    (e.g. one the user wrote by hand). A directory manifest is read from its first Parquet file."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.rglob("*.parquet"))
-        if not files:
-            return {}
-        p = files[0]
-    if not p.is_file():
-        raise FileNotFoundError(f"manifest not found: {p}")
-    raw = (pq.read_schema(p).metadata or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}

@@ -2,7 +2,7 @@
 reconstruction decoder (the `reconstruct` hook MIM needs), for 28x28 grayscale digits.
 
 `small_cnn` is an ordinary model factory, referenced from configs as
-`pipeline.default_model:small_cnn`, exactly as a user's own model would be.
+`pipeline.embedded.model:small_cnn`, exactly as a user's own model would be.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def ensure_default_checkpoint(cache_dir: str = ".cache", seed: int = 0) -> str:
     import os
     from pathlib import Path
 
-    from pipeline.data.mnistc import split_digits
+    from pipeline.embedded.mnistc import split_digits
 
     path = Path(cache_dir) / "models" / f"small_cnn-seed{seed}.pt"
     if path.exists():

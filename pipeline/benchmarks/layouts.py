@@ -16,7 +16,7 @@ for CIFAR-C), a seeded random N (the same images in every domain, in one seeded 
 reproducible, e.g. 5,000 per ImageNet-C domain), or the images a subset file lists (one
 `<wnid>/<file>` per line, in that order: e.g. RobustBench's `imagenet_test_image_ids.txt`, the
 5,000-image list the ImageNet-C benchmarks use). The pool is then ordered by one of the five
-settings (pipeline.settings) and written with the setting in the Parquet metadata.
+settings (pipeline.benchmarks.settings) and written with the setting in the Parquet metadata.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.settings import SETTINGS, SettingError, apply_setting, write_manifest
+from pipeline.benchmarks.settings import SETTINGS, SettingError, apply_setting
+from pipeline.manifest import write_manifest
 
 # The 15 benchmark corruptions in the order of the continual benchmarks (CoTTA, mariodoebler's
 # CORRUPTION.TYPE), then the 4 held-out validation corruptions of ImageNet-C / CIFAR-10-C.

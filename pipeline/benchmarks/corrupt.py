@@ -51,11 +51,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.benchmarks import (
-    ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, SEVERITIES, LayoutError, build_manifest,
-    class_folders, list_images,
+from pipeline.benchmarks.layouts import (
+    ALL_CORRUPTIONS,
+    BENCHMARK_CORRUPTIONS,
+    HELD_OUT_CORRUPTIONS,
+    SEVERITIES,
+    LayoutError,
+    build_manifest,
+    class_folders,
+    list_images,
 )
-from pipeline.settings import SettingError
+from pipeline.benchmarks.settings import SettingError
 
 SEED_FUNCTIONS = ("glass_blur", "impulse_noise")  # take their own seed: they ignore NumPy's global RNG
 
@@ -200,8 +206,8 @@ def source_from_manifest(path: str | Path, image_shape: Sequence[int] | None = N
 
 
 def source_from_digits(seed: int = 0, n: int | None = None) -> CleanSource:
-    """The embedded default's held-out clean MNIST digits (28 x 28 grey; the split of pipeline.data.mnistc)."""
-    from pipeline.data.mnistc import split_digits
+    """The embedded default's held-out clean MNIST digits (28 x 28 grey; the split of pipeline.embedded.mnistc)."""
+    from pipeline.embedded.mnistc import split_digits
 
     split = split_digits(seed)
     x, y = split["x_test"][:n], split["y_test"][:n]
@@ -390,7 +396,7 @@ def corrupt_main(argv: list[str]) -> int:
         corruptions, severities = _names(args.corruptions), [int(s) for s in args.severities.split(",") if s.strip()]
         check_selection(corruptions, severities)
         source = source_from_args(args)
-        from pipeline.run import init_ray
+        from pipeline.job.ray_start import init_ray
 
         init_ray()
         manifest = generate(source, args.out, corruptions=corruptions, severities=severities, layout=args.layout,

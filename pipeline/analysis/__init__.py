@@ -1,0 +1,11 @@
+"""Analysis: everything that reads run directories after (or while) runs write them.
+
+Owns: `runs` (the run registry: `query_runs`, `RunSet`), `runs_cli` (the `runs` command),
+`report` (CSV, PNG and report.md), `plots` (the heat maps, stream, cache and timing plots and
+markdown tables every report draws with), `stats` (intervals and tests), `tracking` (MLflow
+export), `bench_suite` with `measure` (the performance analyzer).
+
+May import: `pipeline.config`, `pipeline.manifest`, `pipeline.job` (the analyzer runs jobs;
+the registry reads run.json through the job's writers), `pipeline.benchmarks`, and `ttt`.
+Never `pipeline.campaigns`: a campaign's table is drawn with this room's public helpers.
+"""

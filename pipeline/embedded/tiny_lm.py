@@ -1,0 +1,163 @@
+"""The embedded tiny LM: a byte-level BPE and a 4-layer GPT-2 trained once on the text corpus's
+train split (pipeline/embedded/text.py), saved with `save_pretrained` under
+`cache_dir/tiny_gpt2` with a `DONE` marker written last. torch and transformers are imported
+inside the functions: building the corpus or reading a manifest needs neither.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.embedded.text import DONE, TextBuildError, build_text_corpus
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style: no unknown tokens, exact round trip) wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text, so byte counts stay exact
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                   pad_token=special, model_max_length=1_000_000)
+
+
+def _token_stream(tokenizer, texts: list[str]) -> np.ndarray:
+    """Each text as BOS + tokens (the scoring convention of ttt.lm), all concatenated."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.fromiter((t for seq in ids for t in [bos, *seq]), dtype=np.int64)
+
+
+def _eval_loss(model, stream: np.ndarray, context: int, max_windows: int | None = None) -> float:
+    """Mean token cross-entropy over consecutive context-long windows of `stream`."""
+    import torch
+
+    n = (len(stream) - 1) // context
+    n = n if max_windows is None else min(n, max_windows)
+    x = torch.from_numpy(stream[:n * context].reshape(n, context))
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            xb = x[i:i + 16]
+            total += model(input_ids=xb, attention_mask=torch.ones_like(xb), labels=xb).loss.item() * len(xb)
+            count += len(xb)
+    model.train()
+    return total / count
+
+
+def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab_size: int = 4096,
+                  n_layer: int = 4, n_embd: int = 192, n_head: int = 4, context: int = 256,
+                  batch_size: int = 8, steps: int = 600, lr: float = 2e-3, warmup: int = 50,
+                  max_seconds: float | None = None, threads: int = 2, log_every: int = 100) -> Path:
+    """Train the tokenizer and a tiny GPT-2 on the corpus's train split; return the model directory.
+
+    Fixed `steps` keep the run deterministic on a given machine: the seed fixes the model. An
+    optional `max_seconds` cap that fires raises instead of caching a shorter-trained model (a
+    time cap made the cached model depend on the machine's load: 26 of 600 steps on a busy box).
+    Skipped when already built.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(cache_dir) / "tiny_gpt2"
+    settings = {"seed": seed, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
+                "context": context, "batch_size": batch_size, "steps": steps, "lr": lr}
+    if (out / DONE).exists():
+        info = json.loads((out / "train.json").read_text())
+        differ = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
+        if differ:
+            raise TextBuildError(f"{out} was trained with other settings {differ} (built, asked): use another cache_dir")
+        if info.get("steps_done", steps) < steps:  # cached by the old time cap: load-dependent, undertrained
+            raise TextBuildError(f"{out} stopped at step {info['steps_done']} of {steps} "
+                                 f"({info.get('stop_reason')}): delete it to retrain")
+        return out
+    paths = build_text_corpus(cache_dir, seed=seed)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    train_texts = pq.read_table(paths["train"], columns=["text"]).column("text").to_pylist()
+    kb = pq.read_table(paths["kb"], columns=["text", "in_lm_train"]).to_pydict()
+    val_texts = [t for t, used in zip(kb["text"], kb["in_lm_train"]) if not used]
+    tokenizer = train_tokenizer(train_texts, vocab_size)
+    t_tok = time.perf_counter() - t0
+    train_stream = _token_stream(tokenizer, train_texts)
+    val_stream = _token_stream(tokenizer, val_texts)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                        # no dropout: a few minutes of training underfits, and TTT then runs the
+                        # same in train and eval mode
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train-lm] tokenizer {len(tokenizer)} tokens in {t_tok:.1f}s; train {len(train_stream)} tokens "
+          f"({sum(len(t.encode()) for t in train_texts) / len(train_stream):.2f} bytes/token), "
+          f"val {len(val_stream)}; model {n_params / 1e6:.2f}M params", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    rng = np.random.default_rng(seed)
+    model.train()
+    log: list[dict[str, Any]] = []
+    stop_reason, t_train = "steps", time.perf_counter()
+    for step in range(1, steps + 1):
+        starts = rng.integers(0, len(train_stream) - context, size=batch_size)
+        x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        elapsed = time.perf_counter() - t_train
+        if step % log_every == 0 and step < steps:
+            # a quick look on part of the validation set; the full one is measured at the end
+            val = _eval_loss(model, val_stream, context, max_windows=32)
+            log.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss_part": round(val, 4),
+                        "elapsed_s": round(elapsed, 1)})
+            print(f"[train-lm] step {step}/{steps} loss {loss.item():.3f} val~ {val:.3f} ({elapsed:.0f}s)", flush=True)
+        if max_seconds is not None and elapsed > max_seconds:
+            raise TextBuildError(f"training the tiny LM stopped by max_seconds={max_seconds} at step {step} of "
+                                 f"{steps}: nothing cached (the seed would not fix the model); raise max_seconds")
+    t_train = time.perf_counter() - t_train
+    val_loss = _eval_loss(model, val_stream, context)
+    print(f"[train-lm] {step} steps in {t_train:.0f}s ({stop_reason}); val loss {val_loss:.3f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train.json").write_text(json.dumps({
+        **settings, "params": n_params, "steps_done": step, "stop_reason": stop_reason,
+        "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
+        "val_loss": round(val_loss, 4), "tokenizer_s": round(t_tok, 1),
+        "train_s": round(t_train, 1), "threads": threads,
+        "torch": torch.__version__, "log": log,
+    }, indent=2))
+    (out / DONE).write_text("ok\n")
+    print(f"[train-lm] saved to {out}", flush=True)
+    return out
+
+
+def ensure_text_default(cache_dir: str | Path = ".cache/text", seed: int = 0) -> dict[str, Path]:
+    """Corpus and tiny GPT-2, each built once: {train, kb, queries, model} paths."""
+    paths = build_text_corpus(cache_dir, seed=seed)
+    return {**paths, "model": train_tiny_lm(cache_dir, seed=seed)}
+
+
