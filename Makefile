@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-lm test bench clean
+.PHONY: venv demo demo-lm test lint bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: venv
 # ~1 min per query there against ~1 s here (BENCHMARKS.md), so 200 queries would take hours.
 demo-lm: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/lm_nn.yaml
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests

@@ -114,8 +114,8 @@ COMMANDS: dict[str, str] = {
     "bench-suite": "pipeline.analysis.bench_suite:main",
     "report": "pipeline.cli:cmd_report",
     "sweep": "pipeline.campaigns.sweep:sweep_main",
-    "manifest": "pipeline.benchmarks.layouts:manifest_main",
-    "corrupt": "pipeline.benchmarks.corrupt:corrupt_main",
+    "manifest": "pipeline.benchmarks.commands:manifest_main",
+    "corrupt": "pipeline.benchmarks.commands:corrupt_main",
     "build-lm": "pipeline.cli:cmd_build_lm",
     "lm-eval": "pipeline.harness:main",
 }

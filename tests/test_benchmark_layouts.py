@@ -6,13 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.benchmarks.commands import manifest_main
 from pipeline.benchmarks.layouts import (
     LayoutError,
     build_manifest,
     cifar_c_pool,
     folder_pool,
     imagenet_c_pool,
-    manifest_main,
 )
 from pipeline.manifest import read_manifest_meta
 

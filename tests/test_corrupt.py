@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.benchmarks.commands import corrupt_main
 from pipeline.benchmarks.corrupt import (
     CorruptError,
     corrupt_image,
-    corrupt_main,
     generate,
     image_seed,
     source_from_digits,

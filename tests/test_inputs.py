@@ -1,4 +1,4 @@
-"""The shard stream's reading plan (pipeline/inputs.py), without Ray: block sizes, block ranges,
+"""The shard stream's reading plan (pipeline/job/inputs.py), without Ray: block sizes, block ranges,
 and reading a manifest's rows through cached Parquet row groups."""
 from __future__ import annotations
 

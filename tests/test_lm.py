@@ -13,7 +13,7 @@ import torch
 
 from pipeline.embedded.text import DONE, TextBuildError, pydoc_documents
 from pipeline.embedded.tiny_lm import train_tiny_lm
-from ttt import lm
+from ttt import lens, lm
 from workers.lm_adapter import CausalLMAdapter
 
 TEXT = pydoc_documents()[0][1][:700]  # the "assert" topic: real text with a few hundred tokens
@@ -144,7 +144,7 @@ def test_logit_lens_last_layer_is_the_models_output(adapter):
         block_out = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
         mid = base.lm_head(base.transformer.ln_f(block_out[0, -1])).softmax(-1)
     assert records[1]["top_probs"] == pytest.approx(mid.topk(5).values.tolist(), rel=1e-5)
-    rows = lm.lens_rows(records, stage="before")
+    rows = lens.lens_rows(records, stage="before")
     assert len(rows) == 5 * len(records) and rows[0]["stage"] == "before" and rows[0]["rank"] == 0
 
 

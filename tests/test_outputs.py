@@ -1,4 +1,4 @@
-"""summary.json's figures (pipeline/outputs.py: summarise_run), aggregated part by part, equal the
+"""summary.json's figures (pipeline/job/outputs.py: summarise_run), aggregated part by part, equal the
 same figures computed on the whole results table at once."""
 from __future__ import annotations
 

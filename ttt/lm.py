@@ -4,7 +4,7 @@ Why a module of its own: the LM side of `nn` needs LoRA adapters that can be att
 snapshotted, swapped (adapter cache) and reset exactly; the Hardt & Sun fine-tune loop (one
 Adam step per retrieved neighbour, nearest first); a scoring convention shared by the model
 adapter and the loss (BOS-prepended, strided windows, so every byte of a text is scored
-exactly once); and a logit lens for before/after analysis. No Ray, no `pipeline` here.
+exactly once); the logit lens for before/after analysis is `ttt/lens.py`. No Ray, no `pipeline` here.
 
 Scoring convention: a text is encoded without the tokenizer's own special tokens and one
 BOS (the tokenizer's bos token, else its eos token) is prepended, so the first real token is
@@ -28,7 +28,6 @@ from torch import nn
 from ttt.params import distance, grad_norm
 
 IGNORE = -100  # label value that the loss skips (context-only and padding positions)
-FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "ln_final", "final_norm")
 
 
 # -- metric -----------------------------------------------------------------------------
@@ -252,6 +251,42 @@ def _breach_after_update(params: Sequence[nn.Parameter], before: Sequence[torch.
     return None, step_norm
 
 
+def _step_on(batch: list[str], loss_fn: Callable[[list[str]], torch.Tensor], params: list[nn.Parameter],
+             optimizer: torch.optim.Optimizer, result: FinetuneResult, *, grad_clip: float | None,
+             guards: UpdateGuards, reference: Sequence[torch.Tensor] | None) -> str | None:
+    """One guarded step on `batch`; the reason to stop before (or instead of) it, or None when it was taken."""
+    loss = loss_fn(batch)
+    value = float(loss.detach())
+    result.losses.append(value)
+    if not math.isfinite(value):
+        return "nonfinite_loss"
+    if guards.loss_ratio_stop is not None and len(result.losses) > 1 and \
+            value > abs(result.losses[0]) * guards.loss_ratio_stop:
+        return "loss_ratio"
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = grad_norm(params)
+    if not math.isfinite(norm):
+        return "nonfinite_grad"
+    result.grad_norm = norm
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    # the step's checkpoint (LoRA-sized: cheap) only when a guard may roll it back
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())) \
+        if guards.checks_updates else None
+    optimizer.step()
+    if saved is not None:
+        breach, step_norm = _breach_after_update(params, saved[0], reference, guards)
+        if breach is not None:
+            with torch.no_grad():
+                for p, old in zip(params, saved[0]):
+                    p.copy_(old)
+            optimizer.load_state_dict(saved[1])
+            return breach
+        result.update_norm = step_norm
+    return None
+
+
 def finetune_on_texts(model: nn.Module, loss_fn: Callable[[list[str]], torch.Tensor], texts: Sequence[str], *,
                       lr: float = 1e-3, epochs: int = 1, grad_clip: float | None = 1.0,
                       one_step_per_neighbour: bool = True,
@@ -286,110 +321,13 @@ def finetune_on_texts(model: nn.Module, loss_fn: Callable[[list[str]], torch.Ten
     try:
         for _ in range(epochs):
             for batch in batches:
-                loss = loss_fn(batch)
-                value = float(loss.detach())
-                result.losses.append(value)
-                if not math.isfinite(value):
-                    result.stop_reason = "nonfinite_loss"
+                stop = _step_on(batch, loss_fn, params, optimizer, result, grad_clip=grad_clip, guards=guards,
+                                reference=reference)
+                if stop is not None:
+                    result.stop_reason = stop
                     return result
-                if guards.loss_ratio_stop is not None and len(result.losses) > 1 and \
-                        value > abs(result.losses[0]) * guards.loss_ratio_stop:
-                    result.stop_reason = "loss_ratio"
-                    return result
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = grad_norm(params)
-                if not math.isfinite(norm):
-                    result.stop_reason = "nonfinite_grad"
-                    return result
-                result.grad_norm = norm
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                # the step's checkpoint (LoRA-sized: cheap) only when a guard may roll it back
-                saved = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())) \
-                    if guards.checks_updates else None
-                optimizer.step()
-                if saved is not None:
-                    breach, step_norm = _breach_after_update(params, saved[0], reference, guards)
-                    if breach is not None:
-                        with torch.no_grad():
-                            for p, old in zip(params, saved[0]):
-                                p.copy_(old)
-                        optimizer.load_state_dict(saved[1])
-                        result.stop_reason = breach
-                        return result
-                    result.update_norm = step_norm
                 result.steps += 1
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
     return result
-
-
-# -- logit lens -----------------------------------------------------------------------------
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied before the unembedding (GPT-2: transformer.ln_f, Llama: model.norm)."""
-    found = [(name, m) for name, m in unwrap(model).named_modules() if name.split(".")[-1] in FINAL_NORM_NAMES]
-    if not found:
-        raise ValueError(f"logit_lens: cannot find the final norm of {type(unwrap(model)).__name__} "
-                         f"(looked for {FINAL_NORM_NAMES})")
-    return min(found, key=lambda item: item[0].count("."))[1]  # the top-level one, not a block's
-
-
-@torch.no_grad()
-def logit_lens(model: nn.Module, tokenizer: Any, text: str, top_k: int = 5, position: int = -1,
-               max_length: int | None = None) -> list[dict[str, Any]]:
-    """Next-token distribution read off every layer's residual stream at one position.
-
-    Layer 0 is the embedding output, layer i the output of block i; layers below the last go
-    through the final norm and the unembedding, the last layer is the model's own logits
-    (transformers already returns it after the final norm). The text is BOS-prefixed as in
-    scoring and cut to its last `max_length` tokens; `position` indexes that sequence
-    (-1: the prediction after the whole text). Works on PEFT-wrapped models (LoRA included).
-    """
-    ids = encode_with_bos(tokenizer, text)[-(max_length or model_max_length(model)):]
-    pos = position if position >= 0 else len(ids) + position
-    if not 0 <= pos < len(ids):
-        raise ValueError(f"logit_lens: position {position} outside a sequence of {len(ids)} tokens")
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_hidden_states=True)
-    finally:
-        model.train(was_training)
-    hidden = out.hidden_states
-    norm, head = final_norm(model), unwrap(model).get_output_embeddings()
-    target = ids[pos + 1] if pos + 1 < len(ids) else None
-    records = []
-    for layer in range(len(hidden)):
-        logits = out.logits[0, pos] if layer == len(hidden) - 1 else head(norm(hidden[layer][0, pos]))
-        probs = logits.float().softmax(-1)
-        top = probs.topk(min(top_k, probs.numel()))
-        records.append({
-            "layer": layer,
-            "position": pos,
-            "input_token": tokenizer.decode([ids[pos]]),
-            "top_ids": top.indices.tolist(),
-            "top_tokens": [tokenizer.decode([i]) for i in top.indices.tolist()],
-            "top_probs": top.values.tolist(),
-            "entropy": float(-(probs * probs.clamp_min(1e-30).log()).sum()),
-            "target_prob": float(probs[target]) if target is not None else None,
-        })
-    return records
-
-
-def lens_rows(records: Sequence[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
-    """Flatten logit-lens records to one row per (layer, rank), DataFrame-ready.
-
-    `tags` (e.g. stage="before", sample_id=...) are copied into every row so before/after
-    lenses concatenate into one table.
-    """
-    rows = []
-    for rec in records:
-        for rank, (tid, tok, prob) in enumerate(zip(rec["top_ids"], rec["top_tokens"], rec["top_probs"])):
-            rows.append({**tags, "layer": rec["layer"], "position": rec["position"], "rank": rank,
-                         "token_id": tid, "token": tok, "prob": prob, "entropy": rec["entropy"],
-                         "target_prob": rec["target_prob"]})
-    return rows

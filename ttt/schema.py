@@ -1,7 +1,7 @@
 """Every output column, in one place: the results (one row per manifest row), the analysis
 record (one row per adapted batch or query) and the logit-lens rows, with their Arrow types.
 
-Writers (pipeline/outputs.py), the stream that builds rows (workers/stream.py), the analysis
+Writers (pipeline/job/outputs.py), the stream that builds rows (workers/stream.py), the analysis
 record (ttt/record.py), readers and reports all take their columns from here, so adding a metric
 is one edit here and a field a row carries that is not declared here fails loudly
 (`check_fields`) instead of vanishing. Pure pyarrow, no Ray.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttt import lm
+from ttt import lens, lm
 from workers.adapters import Batch, class_predictions
 
 
@@ -166,7 +166,7 @@ class CausalLMAdapter:
         return nll.sum() / (labels[:, 1:] != lm.IGNORE).sum()
 
     def logit_lens(self, text: str, top_k: int = 5, position: int = -1) -> list[dict[str, Any]]:
-        return lm.logit_lens(self.model, self.tokenizer, text, top_k=top_k, position=position,
+        return lens.logit_lens(self.model, self.tokenizer, text, top_k=top_k, position=position,
                              max_length=self.max_length)
 
     @torch.no_grad()

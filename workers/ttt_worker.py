@@ -2,7 +2,7 @@
 
 Ray Data's actor pools give no order or affinity, so continual methods run on plain actors,
 one shard at a time (DESIGN.md, Stream order). The shard's rows arrive decoded by Ray Data
-operators (pipeline/inputs.py); the worker adapts and predicts and streams back a chunk of rows
+operators (pipeline/job/inputs.py); the worker adapts and predicts and streams back a chunk of rows
 with a checkpoint of its adaptation state every `workers.checkpoint_every` batches, so a shard
 whose worker dies goes on, on another worker, from its last committed chunk with the same rows.
 """

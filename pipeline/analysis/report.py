@@ -214,11 +214,24 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
     results = runs.results([c for c in RESULT_COLUMNS if c in have_r])
     analysis = runs.analysis([c for c in ANALYSIS_COLUMNS if c in have_a])
     stream = stream_frame(analysis, runs, labels)
+    errors = error_table(results, runs, labels)
+    errors.to_csv(out_dir / "error_by_domain.csv", index=False)
 
     md = [f"# Report: {title}", "",
           f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run(s).", ""]
-    errors = error_table(results, runs, labels)
-    errors.to_csv(out_dir / "error_by_domain.csv", index=False)
+    md += _runs_section(runs, labels, errors)
+    md += _error_section(runs, labels, errors, results, out_dir)
+    md += _stream_section(stream, single, out_dir)
+    md += _cache_section(runs, labels, stream, results, out_dir)
+    md += _timing_section(stream, single, out_dir)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _runs_section(runs: RunSet, labels: list[str], errors: pd.DataFrame) -> list[str]:
+    """The runs compared, what differs between their protocols, which are unfinished."""
+    md: list[str] = []
     per_run = errors.groupby("run_id", sort=False)[["n", "scored", "wrong", "error_rows"]].sum()
     per_run = per_run.reindex(runs.run_ids).fillna(0)
     per_run["error"] = per_run["wrong"] / per_run["scored"].replace(0, np.nan)
@@ -229,7 +242,7 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
         "error rows": int(counts["error_rows"]), "error %": 100 * counts["error"],
     } for meta, label, (_, counts) in zip(runs, labels, per_run.iterrows())])
     md += ["## Runs", "", md_table(overview), ""]
-    warnings = comparison_warnings(list(runs), labels) if not single else []
+    warnings = comparison_warnings(list(runs), labels) if len(runs) > 1 else []
     if warnings:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -237,8 +250,12 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
     unfinished = [f"{label} is {meta.get('status')}" for meta, label in zip(runs, labels) if meta.get("status") != "finished"]
     if unfinished:
         md += [f"**Note:** {'; '.join(unfinished)}: figures show the parts written so far.", ""]
+    return md
 
-    md += ["## Error per domain", ""]
+
+def _error_section(runs: RunSet, labels: list[str], errors: pd.DataFrame, results: pd.DataFrame, out_dir: Path) -> list[str]:
+    """Error (or bits per byte) per domain: heat map, table, rows with errors."""
+    md = ["## Error per domain", ""]
     value = "error" if errors["scored"].sum() else ("bits_per_byte" if "bits_per_byte" in errors else None)
     if value is None:
         md += ["No scored rows (no results yet, or every `correct` is null): plot skipped.", ""]
@@ -258,8 +275,12 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
             md += ["Bits per byte:", "", md_table(wide(errors, "bits_per_byte", labels), index=True), ""]
     md += ["Full table: [error_by_domain.csv](error_by_domain.csv)", ""]
     md += _error_rows_md(results, runs, labels)
+    return md
 
-    md += ["## Along the stream", ""]
+
+def _stream_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[str]:
+    """Adaptation loss and class entropy along the stream."""
+    md = ["## Along the stream", ""]
     if stream_plot(stream, single, out_dir / "stream.png"):
         md += ["![loss and class entropy along the stream](stream.png)", "",
                "Top: adaptation loss at the first step of each batch (the loss before that batch's update"
@@ -268,8 +289,12 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
                + (" Dashed vertical lines: shard starts; top labels: domains." if single else ""), ""]
     else:
         md += ["No losses or class entropy recorded (e.g. `source` or `norm`, or no analysis rows): plot skipped.", ""]
+    return md
 
-    md += ["## Adapter cache", ""]
+
+def _cache_section(runs: RunSet, labels: list[str], stream: pd.DataFrame, results: pd.DataFrame, out_dir: Path) -> list[str]:
+    """The adapter cache's counters and hit rate along the stream."""
+    md = ["## Adapter cache", ""]
     cache = _cache_table(runs, labels, stream, results)
     if cache.empty:
         md += ["No run used the adapter cache (`used_cache` is null throughout and summary.json has no cache "
@@ -280,8 +305,12 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
         md += ["![cache hit rate along the stream](cache.png)", "", md_table(cache), "",
                "Counters come from summary.json; `queries_from_cache` from analysis `used_cache`; `rows_*` count "
                "results by `adapter_source`.", ""]
+    return md
 
-    md += ["## Time per stage", ""]
+
+def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[str]:
+    """Milliseconds per sample in each stage."""
+    md = ["## Time per stage", ""]
     by = "shard" if single else "label"
     timing = timing_table(stream, by) if len(stream) else pd.DataFrame()
     parts = [s.removeprefix("timing_") for s in STAGES] + ["other"]
@@ -293,10 +322,7 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
         md += ["![time per stage](timing.png)", "", "Milliseconds per sample, summed over batches"
                + (" per shard." if single else " per run.") + " `other` is `timing_total` minus the stages.", "",
                md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
-
-    path = out_dir / "report.md"
-    path.write_text("\n".join(md))
-    return path
+    return md
 
 
 def write_reports(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:

@@ -1,8 +1,8 @@
 """Benchmarks: the data layouts of the public TTA benchmarks and the streams built from them.
 
-Owns: `layouts` (manifests from CIFAR-C / ImageNet-C / class-folder data; the `manifest`
-command), `settings` (the five evaluation settings as stream orders), `corrupt` (the canonical
-ImageNet-C corruptions on Ray Data; the `corrupt` command), `zoo` (architectures no library
+Owns: `layouts` (manifests from CIFAR-C / ImageNet-C / class-folder data), `settings` (the
+five evaluation settings as stream orders), `corrupt` (the canonical ImageNet-C corruptions on
+Ray Data), `commands` (the `manifest` and `corrupt` commands), `zoo` (architectures no library
 provides).
 
 May import: `pipeline.config`, `pipeline.manifest`, `pipeline.embedded`, `pipeline.job` (to

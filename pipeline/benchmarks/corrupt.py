@@ -35,12 +35,10 @@ Outputs:
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,15 +51,11 @@ from PIL import Image
 
 from pipeline.benchmarks.layouts import (
     ALL_CORRUPTIONS,
-    BENCHMARK_CORRUPTIONS,
-    HELD_OUT_CORRUPTIONS,
     SEVERITIES,
-    LayoutError,
     build_manifest,
     class_folders,
     list_images,
 )
-from pipeline.benchmarks.settings import SettingError
 
 SEED_FUNCTIONS = ("glass_blur", "impulse_noise")  # take their own seed: they ignore NumPy's global RNG
 
@@ -349,62 +343,3 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
 
 
 # ---------------------------------------------------------------------------------- command
-
-def corrupt_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline corrupt",
-                                description="Generate the canonical ImageNet-C corruptions of an image set on Ray.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="clean Parquet manifest (path or pixels, and label)")
-    src.add_argument("--folder", help="clean class-folder image set <root>/<class>/*.png|jpg")
-    src.add_argument("--images", help="clean N x H x W [x C] uint8 .npy (with --labels)")
-    src.add_argument("--digits", action="store_true", help="the embedded default's held-out clean MNIST digits")
-    p.add_argument("--labels", help="labels .npy for --images")
-    p.add_argument("--image-shape", default=None, help="H,W[,C] of a manifest's flat pixels (default square grey)")
-    p.add_argument("--limit", type=int, default=None, help="--digits: only the first N")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--layout", choices=("cifar-c", "files"), default="cifar-c")
-    p.add_argument("--corruptions", default="all",
-                   help="comma list, or all (the 15 + 4 held out, default), benchmark (the 15), held_out (the 4)")
-    p.add_argument("--severities", default="1,2,3,4,5")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="cap on concurrent Ray tasks (default: what the cluster fits)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Ray task")
-    return p
-
-
-def _names(text: str) -> list[str]:
-    named = {"all": list(ALL_CORRUPTIONS), "benchmark": list(BENCHMARK_CORRUPTIONS), "held_out": list(HELD_OUT_CORRUPTIONS)}
-    return named.get(text) or [t.strip() for t in text.split(",") if t.strip()]
-
-
-def source_from_args(args: argparse.Namespace) -> CleanSource:
-    if args.digits:
-        return source_from_digits(args.seed, args.limit)
-    if args.folder:
-        return source_from_folder(args.folder)
-    if args.images:
-        if not args.labels:
-            raise CorruptError("--images needs --labels")
-        return source_from_arrays(args.images, args.labels)
-    shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
-    return source_from_manifest(args.manifest, shape)
-
-
-def corrupt_main(argv: list[str]) -> int:
-    args = corrupt_parser().parse_args(argv)
-    try:
-        corruptions, severities = _names(args.corruptions), [int(s) for s in args.severities.split(",") if s.strip()]
-        check_selection(corruptions, severities)
-        source = source_from_args(args)
-        from pipeline.job.ray_start import init_ray
-
-        init_ray()
-        manifest = generate(source, args.out, corruptions=corruptions, severities=severities, layout=args.layout,
-                            seed=args.seed, num_workers=args.num_workers, batch_size=args.batch_size)
-    except (CorruptError, LayoutError, SettingError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    n = len(source) * len(corruptions) * len(severities)
-    print(f"wrote {n} corrupted images ({len(corruptions)} corruptions x {len(severities)} severities x "
-          f"{len(source)}) to {args.out}; manifest {manifest}", flush=True)
-    return 0

@@ -20,10 +20,8 @@ settings (pipeline.benchmarks.settings) and written with the setting in the Parq
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.benchmarks.settings import SETTINGS, SettingError, apply_setting
+from pipeline.benchmarks.settings import apply_setting
 from pipeline.manifest import write_manifest
 
 # The 15 benchmark corruptions in the order of the continual benchmarks (CoTTA, mariodoebler's
@@ -258,71 +256,3 @@ def build_manifest(layout: str, root: str | Path, out: str | Path, *, setting: s
     meta["source"] = source
     meta["rows"] = table.num_rows
     return write_manifest(table, meta, out), meta
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _corruption_list(text: str) -> list[str]:
-    named = {"benchmark": list(BENCHMARK_CORRUPTIONS), "held_out": list(HELD_OUT_CORRUPTIONS), "all": list(ALL_CORRUPTIONS)}
-    return named.get(text) or _csv(text)
-
-
-def manifest_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline manifest",
-                                description="Write a Parquet manifest from a standard benchmark layout.")
-    p.add_argument("layout", choices=LAYOUTS)
-    p.add_argument("root", help="data root (cifar-c: the .npy folder; imagenet-c: the corruption folders; folder: the class folders)")
-    p.add_argument("--out", required=True, help="manifest .parquet to write")
-    p.add_argument("--corruptions", default="benchmark",
-                   help="comma list, or benchmark (the 15, default), held_out (the 4 validation ones), all")
-    p.add_argument("--severities", default="5", help="comma list of 1..5 (default 5)")
-    p.add_argument("--per-domain", type=int, default=None, help="samples per domain (default all)")
-    p.add_argument("--subset", choices=("first", "seeded"), default="first", help="first N, or N drawn by --seed")
-    p.add_argument("--subset-file", default=None, help="keep the samples this file lists (one <class>/<file> per line, in order)")
-    p.add_argument("--classes", default=None, help="file of class folder names, one per line, in class-index order")
-    p.add_argument("--domain", default=None, help="folder layout: the domain name (default the folder's name)")
-    p.add_argument("--seed", type=int, default=0, help="the seeded subset's seed")
-    p.add_argument("--setting", choices=SETTINGS, default="continual")
-    p.add_argument("--order-seed", type=int, default=0, help="mixed_domains / correlated: the ordering seed")
-    p.add_argument("--delta", type=float, default=0.1, help="correlated: Dirichlet concentration (0 = sorted by label)")
-    p.add_argument("--slots", type=int, default=None, help="correlated: time slots (default min(classes, 100), as RoTTA)")
-    p.add_argument("--mix-domains", action="store_true", help="correlated: over all domains shuffled together")
-    p.add_argument("--gradual-all-rising", action="store_true",
-                   help="gradual: every corruption 1..5..1 (mariodoebler), not CoTTA's 5..1 first")
-    return p
-
-
-def setting_params(args: argparse.Namespace) -> dict[str, Any]:
-    if args.setting == "mixed_domains":
-        return {"seed": args.order_seed}
-    if args.setting == "correlated":
-        return {"delta": args.delta, "seed": args.order_seed, "slots": args.slots, "mix_domains": args.mix_domains}
-    if args.setting == "gradual":
-        return {"first_descending": not args.gradual_all_rising}
-    return {}
-
-
-def manifest_main(argv: list[str]) -> int:
-    args = manifest_parser().parse_args(argv)
-    options: dict[str, Any] = {
-        "per_domain": args.per_domain, "subset": "file" if args.subset_file else args.subset, "seed": args.seed,
-        "subset_keys": read_lines(args.subset_file) if args.subset_file else None,
-        "classes": read_lines(args.classes) if args.classes else None,
-    }
-    if args.layout == "folder":
-        options["domain"] = args.domain
-    else:
-        options["corruptions"] = _corruption_list(args.corruptions)
-        options["severities"] = [int(s) for s in _csv(args.severities)]
-    try:
-        path, meta = build_manifest(args.layout, args.root, args.out, setting=args.setting,
-                                    setting_params=setting_params(args), **options)
-    except (LayoutError, SettingError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    expect = "true" if meta["reset_on_domain_change"] else "false"
-    print(f"wrote {meta['rows']} rows, {len(meta['domains'])} domains, setting {meta['setting']} to {path}\n"
-          f"run it with --set data.manifest={path} --set ttt.reset_on_domain_change={expect}", flush=True)
-    return 0

@@ -62,6 +62,49 @@ def _eval_loss(model, stream: np.ndarray, context: int, max_windows: int | None 
     return total / count
 
 
+def _check_cached(out: Path, settings: dict[str, Any]) -> None:
+    """A cached model must have been trained with these settings, to the end."""
+    info = json.loads((out / "train.json").read_text())
+    differ = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
+    if differ:
+        raise TextBuildError(f"{out} was trained with other settings {differ} (built, asked): use another cache_dir")
+    if info.get("steps_done", settings["steps"]) < settings["steps"]:  # cached by the old time cap: undertrained
+        raise TextBuildError(f"{out} stopped at step {info['steps_done']} of {settings['steps']} "
+                             f"({info.get('stop_reason')}): delete it to retrain")
+
+
+def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.ndarray, *, seed: int, steps: int,
+           context: int, batch_size: int, max_seconds: float | None, log_every: int) -> tuple[list[dict[str, Any]], int, float]:
+    """The training loop: random context-long windows of the train stream; (log, steps done, seconds)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    model.train()
+    log: list[dict[str, Any]] = []
+    t_train = time.perf_counter()
+    for step in range(1, steps + 1):
+        starts = rng.integers(0, len(train_stream) - context, size=batch_size)
+        x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        elapsed = time.perf_counter() - t_train
+        if step % log_every == 0 and step < steps:
+            # a quick look on part of the validation set; the full one is measured at the end
+            val = _eval_loss(model, val_stream, context, max_windows=32)
+            log.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss_part": round(val, 4),
+                        "elapsed_s": round(elapsed, 1)})
+            print(f"[train-lm] step {step}/{steps} loss {loss.item():.3f} val~ {val:.3f} ({elapsed:.0f}s)", flush=True)
+        if max_seconds is not None and elapsed > max_seconds:
+            raise TextBuildError(f"training the tiny LM stopped by max_seconds={max_seconds} at step {step} of "
+                                 f"{steps}: nothing cached (the seed would not fix the model); raise max_seconds")
+    t_train = time.perf_counter() - t_train
+    return log, step, t_train
+
+
 def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab_size: int = 4096,
                   n_layer: int = 4, n_embd: int = 192, n_head: int = 4, context: int = 256,
                   batch_size: int = 8, steps: int = 600, lr: float = 2e-3, warmup: int = 50,
@@ -80,13 +123,7 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab
     settings = {"seed": seed, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
                 "context": context, "batch_size": batch_size, "steps": steps, "lr": lr}
     if (out / DONE).exists():
-        info = json.loads((out / "train.json").read_text())
-        differ = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
-        if differ:
-            raise TextBuildError(f"{out} was trained with other settings {differ} (built, asked): use another cache_dir")
-        if info.get("steps_done", steps) < steps:  # cached by the old time cap: load-dependent, undertrained
-            raise TextBuildError(f"{out} stopped at step {info['steps_done']} of {steps} "
-                                 f"({info.get('stop_reason')}): delete it to retrain")
+        _check_cached(out, settings)
         return out
     paths = build_text_corpus(cache_dir, seed=seed)
     torch.set_num_threads(threads)
@@ -113,30 +150,9 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    rng = np.random.default_rng(seed)
-    model.train()
-    log: list[dict[str, Any]] = []
-    stop_reason, t_train = "steps", time.perf_counter()
-    for step in range(1, steps + 1):
-        starts = rng.integers(0, len(train_stream) - context, size=batch_size)
-        x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        elapsed = time.perf_counter() - t_train
-        if step % log_every == 0 and step < steps:
-            # a quick look on part of the validation set; the full one is measured at the end
-            val = _eval_loss(model, val_stream, context, max_windows=32)
-            log.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss_part": round(val, 4),
-                        "elapsed_s": round(elapsed, 1)})
-            print(f"[train-lm] step {step}/{steps} loss {loss.item():.3f} val~ {val:.3f} ({elapsed:.0f}s)", flush=True)
-        if max_seconds is not None and elapsed > max_seconds:
-            raise TextBuildError(f"training the tiny LM stopped by max_seconds={max_seconds} at step {step} of "
-                                 f"{steps}: nothing cached (the seed would not fix the model); raise max_seconds")
-    t_train = time.perf_counter() - t_train
+    log, step, t_train = _train(model, optimizer, schedule, train_stream, val_stream, seed=seed, steps=steps,
+                                context=context, batch_size=batch_size, max_seconds=max_seconds, log_every=log_every)
+    stop_reason = "steps"
     val_loss = _eval_loss(model, val_stream, context)
     print(f"[train-lm] {step} steps in {t_train:.0f}s ({stop_reason}); val loss {val_loss:.3f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)

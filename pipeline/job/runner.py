@@ -6,9 +6,9 @@ Read top to bottom: `run_job` is the whole story; the parts it calls live beside
 (work items and commits), `ray_start.py` (Ray), `checks.py` (start-up refusals). The manifest is cut into `num_shards`
 contiguous, ordered row ranges (only its Parquet metadata is read here: nothing is
 materialised on the driver). A worker takes one shard at a time; its rows arrive decoded and
-preprocessed by Ray Data operators (pipeline/inputs.py) and it streams back, every
+preprocessed by Ray Data operators (pipeline/job/inputs.py) and it streams back, every
 `workers.checkpoint_every` batches, the rows since the last chunk plus a checkpoint of its
-adaptation state. The driver commits each chunk atomically (pipeline/outputs.py) and holds at
+adaptation state. The driver commits each chunk atomically (pipeline/job/outputs.py) and holds at
 most two uncommitted chunks per shard (Ray's generator backpressure). A worker that dies is
 replaced (away from its node when another is alive) and its shard goes on from the last commit;
 a driver killed and rerun with the same run_id does the same. The rows equal an undisturbed

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ttt import lm
+from ttt import lens, lm
 from ttt.config import GuardConfig
 from ttt.methods.base import StepResult
 from ttt.methods.nn import NN
@@ -125,5 +125,5 @@ class NNLM(NN):
         for i, text in enumerate(inputs.texts):
             records = self.adapter.logit_lens(text, top_k=self.cfg.nn.logit_lens_top_k,
                                               position=self.cfg.nn.logit_lens_position)
-            rows += lm.lens_rows(records, stage=stage, sample_index=i)
+            rows += lens.lens_rows(records, stage=stage, sample_index=i)
         return rows
