@@ -12,6 +12,9 @@ each of the five settings of a canonical-corruption benchmark in the CIFAR-C lay
         --corruptions benchmark --severities 5 --seed 0
     .venv/bin/python bench/settings_table.py --root .cache/mnist-c-canonical-600-sev5 \\
         --methods source,norm,tent,cotta --settings correlated --per-domain 600
+    # every method, continual and mixed domains (issue 25's table)
+    .venv/bin/python bench/settings_table.py --root .cache/mnist-c-canonical-200 --methods all \
+        --settings continual,mixed_domains --per-domain 100
 
 Settings (pipeline.benchmarks.settings, manifests written by pipeline.benchmarks.layouts.build_manifest):
 `reset_each_shift`, `continual`, `mixed_domains` (order seed 0) and `correlated` (Dirichlet delta
@@ -23,7 +26,10 @@ as the manifest's metadata says. A correlated order within a domain only shows w
 longer than a batch: with `--per-domain` equal to the batch size (200) every batch is one whole
 domain whatever its order, and the cell equals the continual one. A method is
 `configs/mnistc_<method>.yaml` (its reference defaults) on the default source model (the embedded
-SmallCNN, `.cache/models`). Prints error % per setting (gradual: over the whole stream, and over
+SmallCNN, `.cache/models`; `ttt`, `ttt_episodic` and `source_rotation` use the one with TTT's
+rotation head, `pipeline.embedded.model:small_cnn_rotation`). `--methods all` runs every method (old and
+new); EATA's Fisher term and RMT's / SANTA's source samples read the embedded clean training split
+(the digits the source model was trained on). Prints error % per setting (gradual: over the whole stream, and over
 its severity-5 rows), and the worker seconds.
 """
 from __future__ import annotations
@@ -40,6 +46,14 @@ import pandas as pd
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 SETTINGS = ["reset_each_shift", "continual", "gradual", "mixed_domains", "correlated"]
+ALL_METHODS = ("source,norm,bn_alpha,tent,rpl,shot_im,mim,cotta,eata,sar,rotta,lame,deyo,roid,cmf,rmt,santa,"
+               "adacontrast,t3a,memo,source_rotation,ttt,ttt_episodic")  # --methods all
+# a name that is not a config: (config, overrides). TTT's source model is the one with the rotation head
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "source_rotation": ("mnistc_source.yaml", ["model.factory=pipeline.embedded.model:small_cnn_rotation"]),
+}
+# methods that read clean source samples: the field, filled with the embedded clean training split
+SOURCE_FIELDS = {"eata": "ttt.eata.fisher_data", "rmt": "ttt.rmt.source_data", "santa": "ttt.santa.source_data"}
 BATCH_SIZE = 200  # the configs' reference batch
 SETTING_PARAMS = {"mixed_domains": {"seed": 0}, "correlated": {"delta": 0.1, "seed": 0}, "gradual": {}}
 
@@ -63,13 +77,29 @@ def build_manifests(root: Path, out: Path, settings: list[str], per_domain: int,
     return manifests
 
 
-def run_cell(method: str, manifest: Path, meta: dict, common: list[str]) -> Path:
+def source_split(out: Path) -> Path:
+    """The embedded clean training split (the digits the source model was trained on, labelled) as
+    the train.npz the MNIST-C default build writes, for the methods that read source samples."""
+    import numpy as np
+
+    from pipeline.embedded.mnistc import split_digits
+
+    split = split_digits(0)
+    path = out / "train.npz"
+    np.savez_compressed(path, x=split["x_train"], y=split["y_train"])
+    return path
+
+
+def run_cell(method: str, manifest: Path, meta: dict, common: list[str], source: Path | None = None) -> Path:
     from pipeline.config import load_config
     from pipeline.job.runner import run_job
 
     reset = "true" if meta["reset_on_domain_change"] else "false"
-    cfg = load_config(Path("configs") / f"mnistc_{method}.yaml",
-                      [f"data.manifest={manifest}", f"ttt.reset_on_domain_change={reset}", *common])
+    config, extra = VARIANTS.get(method, (f"mnistc_{method}.yaml", []))
+    if method in SOURCE_FIELDS and source is not None:
+        extra = [*extra, f"{SOURCE_FIELDS[method]}={source}"]
+    cfg = load_config(Path("configs") / config,
+                      [f"data.manifest={manifest}", f"ttt.reset_on_domain_change={reset}", *extra, *common])
     return run_job(cfg)
 
 
@@ -97,6 +127,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--csv")
     args = parser.parse_args()
+    if args.methods == "all":
+        args.methods = ALL_METHODS
     settings = args.settings.split(",")
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -107,13 +139,14 @@ def main() -> None:
     SETTING_PARAMS["correlated"] = {"delta": args.delta, "seed": 0, "slots": args.slots, "mix_domains": args.mix_domains}
     out = Path(tempfile.mkdtemp(prefix="bench-settings-"))
     manifests = build_manifests(Path(args.root), out, settings, args.per_domain, args.gradual_per_domain)
+    source = source_split(out)
     common = [f"output_root={out / 'runs'}", "workers.num_shards=1", "workers.num_cpus=0.5", *args.overrides]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows = []
     for method in args.methods.split(","):
         for setting in settings:
             started = time.time()
-            run_dir = run_cell(method, *manifests[setting], common)
+            run_dir = run_cell(method, *manifests[setting], common, source)
             rows.append({"method": method, "setting": setting, **cell_errors(run_dir), "wall_s": time.time() - started})
             print(f"[bench] {method} / {setting}: error {rows[-1]['error']:.2f}%  ({run_dir})", flush=True)
     ray.shutdown()

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ttt.config import TTTConfig
 from ttt.images import ImageSpec
 
+LATER_METHOD_BLOCKS = frozenset({"rmt", "adacontrast", "cmf", "memo", "rpl", "santa", "t3a", "shot_im",
+                                 "bn_alpha", "ttt"})
+
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the field or file."""
@@ -145,7 +148,9 @@ class RunConfig(_Strict):
         key = {
             "data": self.data.model_dump(),
             "model": self.model.model_dump(),
-            "ttt": self.ttt.model_dump(exclude={"log_out"}),
+            # the blocks of the methods added with issue 25 count only for their own method, so
+            # adding them left every earlier run's hash (and its resume) unchanged
+            "ttt": self.ttt.model_dump(exclude={"log_out"} | (LATER_METHOD_BLOCKS - {self.ttt.method})),
             "num_shards": self.workers.num_shards,  # workers.num_shards and workers.precision, top level
             "precision": self.workers.precision,     # as the first version hashed them (old runs resume)
         }

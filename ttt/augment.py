@@ -217,3 +217,23 @@ def pixel_shuffle(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     n, c, h, w = x.shape
     perm = torch.randperm(h * w, generator=generator).to(x.device)
     return x.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w)
+
+
+def rotate_batch(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each image of [N, C, H, W] rotated by labels[i] x 90 degrees (counter-clockwise, the
+    ttt_cifar_release reference's tensor_rot_90 / 180 / 270); square images only."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotation needs square images, got {tuple(x.shape[-2:])}")
+    out = x.clone()
+    for k in (1, 2, 3):
+        idx = (labels == k).nonzero().flatten().to(x.device)
+        if len(idx):
+            out[idx] = torch.rot90(x[idx], k, dims=(2, 3))
+    return out
+
+
+def expand_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All four rotations of every image (the reference's rotate_batch(..., 'expand')): the batch
+    repeated 4 times, block k rotated by k x 90 degrees, and the labels 0..3 per block."""
+    labels = torch.arange(4).repeat_interleave(len(x))
+    return rotate_batch(x.repeat(4, 1, 1, 1), labels), labels.to(x.device)

@@ -11,7 +11,9 @@ and NumPy's global generators are included, for code that draws from them (dropo
 
 What is skipped: the adapter, config and services (rebuilt from the config; also where a method
 keeps a service under its own name, e.g. nn's `kb`), the source
-snapshot (constant), and lists of `nn.Parameter` (views of the model, restored with it). A
+snapshot (constant), lists of `nn.Parameter` (views of the model, restored with it), and what a
+method names in its `constant_attrs` (state built from the config at construction that no step
+changes, e.g. RMT's source samples and prototypes: copying it into every checkpoint would only cost). A
 method with state of another kind (a custom class) implements `state_dict()` /
 `load_state_dict()`; anything else that cannot be captured raises `CheckpointError` naming the
 attribute, so state is never silently left behind. Plain objects of the project's own classes
@@ -41,8 +43,9 @@ def capture(method: Any) -> dict[str, Any]:
         attrs = {"__custom__": method.state_dict()}
     else:
         services = [id(v) for v in (getattr(method, "services", None) or {}).values()]
+        skip = SKIP | set(getattr(method, "constant_attrs", ()))
         attrs = {name: _capture(value, name) for name, value in vars(method).items()
-                 if name not in SKIP and id(value) not in services and not _holds_parameters(value)}
+                 if name not in skip and id(value) not in services and not _holds_parameters(value)}
     return {"attrs": attrs, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "numpy_rng": _numpy_global_state()}

@@ -1,7 +1,8 @@
 """TTTConfig: every knob of a TTT method, validated, with the same names in YAML and on the CLI.
 
 Defaults follow the reference Tent / CoTTA CIFAR-10-C configs where they apply; each baseline's
-block (eata, sar, rotta, lame, deyo, roid) carries its reference defaults.
+block (eata, sar, rotta, lame, deyo, roid, rmt, adacontrast, cmf, memo, rpl, santa, t3a, shot_im,
+bn_alpha, ttt) carries its reference defaults.
 """
 from __future__ import annotations
 
@@ -99,6 +100,121 @@ class ROIDConfig(_Strict):
     flips: bool = True  # the augmented view's horizontal flip (off for digits)
 
 
+class RMTConfig(_Strict):
+    """RMT (Doebler et al. 2023), defaults of mariodoebler/test-time-adaptation (conf.py RMT.*,
+    M_TEACHER.*, CONTRAST.*)."""
+
+    lambda_ce_src: float = Field(1.0, ge=0.0)  # source replay (0 = the source-free variant)
+    lambda_ce_trg: float = Field(1.0, ge=0.0)  # self-training (symmetric CE against the teacher)
+    lambda_cont: float = Field(1.0, ge=0.0)  # contrastive loss with the source prototypes
+    ema_momentum: float = Field(0.999, ge=0.0, le=1.0)  # teacher <- m * teacher + (1 - m) * student
+    temperature: float = Field(0.1, gt=0.0)  # of the contrastive loss
+    projection_dim: int = Field(128, ge=1)
+    warmup_samples: int = Field(50000, ge=0)  # source samples of the mean-teacher warm-up (0 = none)
+    # labelled clean source samples (prototypes, warm-up, replay): an .npz with `x` and `y` (the MNIST-C
+    # default's train.npz) or a Parquet manifest with `pixels` and `label`; required
+    source_data: str | None = None
+    source_samples: int | None = Field(None, ge=1)  # None = all (the reference's SOURCE.NUM_SAMPLES -1)
+    flips: bool = True  # the augmented view is CoTTA's transform; off for digits (see cotta.flips)
+
+
+class SANTAConfig(_Strict):
+    """SANTA (Chakrabarty et al. 2023), defaults of mariodoebler/test-time-adaptation (SANTA.*, CONTRAST.*)."""
+
+    lambda_ce_trg: float = Field(1.0, ge=0.0)
+    lambda_cont: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.1, gt=0.0)
+    projection_dim: int = Field(128, ge=1)
+    source_data: str | None = None  # labelled source samples for the prototypes (as rmt.source_data); required
+    source_samples: int | None = Field(None, ge=1)
+    flips: bool = True
+
+
+class AdaContrastConfig(_Strict):
+    """AdaContrast (Chen et al. 2022), defaults of mariodoebler/test-time-adaptation (ADACONTRAST.*,
+    cfgs/cifar10_c/adacontrast.yaml: SGD lr 2e-4, momentum 0.9, Nesterov, weight decay 1e-4, T 0.07)."""
+
+    queue_size: int = Field(16384, ge=1)  # MoCo queue and the nearest-neighbour feature bank
+    momentum: float = Field(0.999, ge=0.0, le=1.0)  # key (momentum) encoder EMA
+    temperature: float = Field(0.07, gt=0.0)  # MoCo softmax temperature
+    contrast_type: Literal["class_aware", "nearest"] = "class_aware"  # class_aware: same-pseudo-label keys are not negatives
+    alpha: float = Field(1.0, ge=0.0)  # classification (pseudo-label CE) weight
+    beta: float = Field(1.0, ge=0.0)  # instance (MoCo) loss weight
+    eta: float = Field(1.0, ge=0.0)  # diversity loss weight
+    dist_type: Literal["cosine", "euclidean"] = "cosine"
+    num_neighbors: int = Field(10, ge=1)
+    refine_after: int = Field(1024, ge=0)  # samples seen before pseudo-labels are refined (fixed 1024 in the reference)
+    nesterov: bool = True
+    flips: bool = True  # the weak view's flip and the strong views' (off for digits)
+
+
+class CMFConfig(_Strict):
+    """CMF (Lee et al. 2024), defaults of mariodoebler/test-time-adaptation (CMF.*; the loss is ROID's
+    and its knobs, ROID.* in the reference, are repeated here so a CMF run is configured in one block)."""
+
+    alpha: float = Field(0.99, ge=0.0, le=1.0)  # hidden model's pull back to the source (predict step)
+    gamma: float = Field(0.99, ge=0.0, le=1.0)  # target model <- gamma * target + (1 - gamma) * hidden
+    q: float = Field(0.005, ge=0.0)  # process noise, scaled by trainable parameters / 38,400 as the reference
+    type: Literal["lp", "op"] = "lp"  # ensemble with the filtered (lp) or predicted (op) hidden model
+    use_weighting: bool = True
+    use_prior_correction: bool = True
+    use_consistency: bool = True
+    momentum_probs: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: float = Field(1 / 3, gt=0.0)
+    flips: bool = True
+
+
+class MEMOConfig(_Strict):
+    """MEMO (Zhang et al. 2022), defaults of mariodoebler/test-time-adaptation (cfgs/cifar10_c/memo.yaml:
+    SGD lr 5e-3, momentum 0.9, Nesterov, batch 1, episodic, 32 augmentations, alpha-BN 0.1)."""
+
+    n_augmentations: int = Field(32, ge=1)
+    bn_alpha: float = Field(0.1, ge=0.0, le=1.0)  # weight of the test statistics in every BatchNorm
+    nesterov: bool = True
+    flips: bool = True
+
+
+class RPLConfig(_Strict):
+    """RPL (Rusak et al. 2022), mariodoebler/test-time-adaptation RPL.Q."""
+
+    q: float = Field(0.8, gt=0.0, le=1.0)  # generalised cross-entropy (1 - p^q) / q
+
+
+class T3AConfig(_Strict):
+    """T3A (Iwasawa & Matsuo 2021), matsuolab/T3A hparams (filter_K 100)."""
+
+    filter_k: int = Field(100, ge=-1)  # supports kept per class, lowest entropy first (-1 = all)
+
+    @model_validator(mode="after")
+    def _not_zero(self) -> "T3AConfig":
+        if self.filter_k == 0:
+            raise ValueError("filter_k must be >= 1 or -1 (all)")
+        return self
+
+
+class SHOTIMConfig(_Strict):
+    """SHOT-IM (Liang et al. 2020): information maximisation, tim-learn/SHOT (epsilon 1e-5)."""
+
+    div_weight: float = Field(1.0, ge=0.0)  # weight of the diversity term (the reference's gent, weight 1)
+    epsilon: float = Field(1e-5, gt=0.0)
+
+
+class BNAlphaConfig(_Strict):
+    """alpha-BN (Schneider et al. 2020), mariodoebler/test-time-adaptation BN.ALPHA."""
+
+    alpha: float = Field(0.1, ge=0.0, le=1.0)  # (1 - alpha) * source + alpha * test statistics
+
+
+class RotationTTTConfig(_Strict):
+    """TTT (Sun et al. 2020), yueatsprograms/ttt_cifar_release: the rotation task."""
+
+    # expand: each image in all four rotations (the reference's training and rotation-error labels);
+    # rand: one random rotation per image (its test-time adaptation on augmented copies)
+    rotations: Literal["expand", "rand"] = "expand"
+    # adapt only when the rotation head's confidence in "unrotated" on the batch is below (1 = always, the reference's)
+    threshold: float = Field(1.0, ge=0.0, le=1.0)
+
+
 class GuardConfig(_Strict):
     """Guards against collapse; every breach names itself in the analysis `stop_reason`."""
 
@@ -140,7 +256,9 @@ class NNConfig(_Strict):
 
 class TTTConfig(_Strict):
     method: Literal["source", "norm", "tent", "mim", "cotta", "nn",
-                    "eata", "sar", "rotta", "lame", "deyo", "roid"] = "source"
+                    "eata", "sar", "rotta", "lame", "deyo", "roid",
+                    "rmt", "adacontrast", "cmf", "memo", "rpl", "santa", "t3a", "shot_im", "bn_alpha",
+                    "ttt"] = "source"
     steps: int = Field(1, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -162,5 +280,15 @@ class TTTConfig(_Strict):
     lame: LAMEConfig = LAMEConfig()
     deyo: DeYOConfig = DeYOConfig()
     roid: ROIDConfig = ROIDConfig()
+    rmt: RMTConfig = RMTConfig()
+    adacontrast: AdaContrastConfig = AdaContrastConfig()
+    cmf: CMFConfig = CMFConfig()
+    memo: MEMOConfig = MEMOConfig()
+    rpl: RPLConfig = RPLConfig()
+    santa: SANTAConfig = SANTAConfig()
+    t3a: T3AConfig = T3AConfig()
+    shot_im: SHOTIMConfig = SHOTIMConfig()
+    bn_alpha: BNAlphaConfig = BNAlphaConfig()
+    ttt: RotationTTTConfig = RotationTTTConfig()
     guards: GuardConfig = GuardConfig()
     nn: NNConfig = NNConfig()

@@ -46,6 +46,15 @@ ANALYSIS_SCHEMA = pa.schema([
     ("n_reliable", pa.int64()), ("n_filtered_redundant", pa.int64()), ("n_filtered_plpd", pa.int64()),
     ("n_loss_samples", pa.int64()), ("sample_weight_mean", pa.float64()), ("loss_ema", pa.float64()),
     ("recovered", pa.bool_()), ("memory_size", pa.int64()), ("n_changed", pa.int64()),
+    # the methods of issue 25: the contrastive term (RMT, SANTA: prototypes; AdaContrast: MoCo instance
+    # loss), RMT's source-replay cross-entropy, how often the teacher / key model agrees with the
+    # student's argmax (RMT, AdaContrast), pseudo-labels the nearest-neighbour refinement changed
+    # (AdaContrast), T3A's support-set size, CMF's Kalman gain, the entropy of the mean prediction
+    # (SHOT-IM's diversity term, MEMO's marginal entropy over augmentations) and TTT's rotation accuracy
+    # on the batch before its update (the paper's self-supervised error is 1 minus it)
+    ("loss_contrastive", pa.float64()), ("loss_source", pa.float64()), ("teacher_agreement", pa.float64()),
+    ("n_refined", pa.int64()), ("support_size", pa.int64()), ("kalman_beta", pa.float64()),
+    ("marginal_entropy", pa.float64()), ("rotation_accuracy", pa.float64()),
 ])
 
 # ttt.nn.logit_lens_top_k > 0 (causal LMs): one row per (query, stage, layer, rank)

@@ -163,8 +163,10 @@ class ImageClassifierAdapter:
         return self.model
 
     def has_hook(self, name: str) -> bool:
-        if name in ("reconstruct", "embed"):
+        if name in ("reconstruct", "embed", "rotation_logits"):
             return callable(getattr(self.model, name, None))
+        if name == "classifier":
+            return self.classifier() is not None
         return callable(getattr(self, name, None))
 
     # -- rows -> tensors ---------------------------------------------------------------
@@ -211,6 +213,20 @@ class ImageClassifierAdapter:
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.embed(inputs)
+
+    def rotation_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """TTT's self-supervised head: 4-way rotation logits through the trunk the classifier shares."""
+        return self.model.rotation_logits(inputs)
+
+    def classifier(self) -> nn.Linear | None:
+        """The model's final linear layer, the one `embed`'s features feed (methods that split the
+        model into features and classifier: T3A, SHOT-IM, RMT, SANTA, AdaContrast): the model's own
+        `classifier_head()` when it has one, timm's `get_classifier()`, else a Linear named `head`,
+        `fc` or `classifier`; None when there is none."""
+        own = getattr(self.model, "classifier_head", None) or getattr(self.model, "get_classifier", None)
+        candidates = [own()] if callable(own) else []
+        candidates += [getattr(self.model, n, None) for n in ("head", "fc", "classifier")]
+        return next((m for m in candidates if isinstance(m, nn.Linear)), None)
 
     def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One random view of each normalised image (CoTTA); augmented in pixel space, where the

@@ -3,6 +3,11 @@ reconstruction decoder (the `reconstruct` hook MIM needs), for 28x28 grayscale d
 
 `small_cnn` is an ordinary model factory, referenced from configs as
 `pipeline.embedded.model:small_cnn`, exactly as a user's own model would be.
+`small_cnn_rotation` is the same network with TTT's self-supervised rotation head (Sun et al. 2020)
+on the shared trunk (`features`): the `rotation_logits` hook method `ttt` needs, trained jointly with
+the classifier (cross-entropy + the 4-way rotation cross-entropy over all four rotations of each
+training batch, the reference's `--rotation_type expand`), cached as its own checkpoint, so the
+other methods' source model is unchanged.
 """
 from __future__ import annotations
 
@@ -38,8 +43,24 @@ class SmallCNN(nn.Module):
         return self.decoder(self.features(x))
 
 
+class SmallCNNRotation(SmallCNN):
+    """SmallCNN plus a rotation head on the trunk, the classifier's `proj` + `head` copied for
+    4 classes (the reference's head_on_layer2 copies the layers after the shared ones)."""
+
+    def __init__(self, n_classes: int = 10, width: int = 32):
+        super().__init__(n_classes, width)
+        self.rotation_head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 4))
+
+    def rotation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation_head(self.features(x))
+
+
 def small_cnn(n_classes: int = 10) -> SmallCNN:
     return SmallCNN(n_classes=n_classes)
+
+
+def small_cnn_rotation(n_classes: int = 10) -> SmallCNNRotation:
+    return SmallCNNRotation(n_classes=n_classes)
 
 
 def _mask_patches(x: torch.Tensor, prob: float, patch: int, gen: torch.Generator) -> torch.Tensor:
@@ -50,14 +71,18 @@ def _mask_patches(x: torch.Tensor, prob: float, patch: int, gen: torch.Generator
 
 
 def train_source_model(x_train, y_train, *, seed: int = 0, epochs: int = 6, batch_size: int = 64,
-                       mean: float = 0.1307, std: float = 0.3081) -> dict[str, torch.Tensor]:
+                       mean: float = 0.1307, std: float = 0.3081, rotation: bool = False) -> dict[str, torch.Tensor]:
     """Train SmallCNN on clean digits: cross-entropy plus masked-input reconstruction through the
-    decoder (so MIM's test-time objective is one the model was trained on). Returns a state_dict."""
+    decoder (so MIM's test-time objective is one the model was trained on); with `rotation`,
+    SmallCNNRotation with the rotation cross-entropy over all four rotations of each batch added
+    (TTT's joint training). Returns a state_dict."""
     import numpy as np
+
+    from ttt.augment import expand_rotations
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = small_cnn()
+    model = small_cnn_rotation() if rotation else small_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     x = (torch.from_numpy(np.asarray(x_train, dtype=np.float32)).unsqueeze(1) / 255.0 - mean) / std
@@ -77,6 +102,9 @@ def train_source_model(x_train, y_train, *, seed: int = 0, epochs: int = 6, batc
             masked = _mask_patches(xb - background, 0.5, 4, gen) + background
             recon = model.reconstruct(masked)
             loss = torch.nn.functional.cross_entropy(logits, yb) + torch.nn.functional.mse_loss(recon, xb)
+            if rotation:
+                rotated, labels = expand_rotations(xb)
+                loss = loss + torch.nn.functional.cross_entropy(model.rotation_logits(rotated), labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -88,22 +116,23 @@ def train_source_model(x_train, y_train, *, seed: int = 0, epochs: int = 6, batc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def ensure_default_checkpoint(cache_dir: str = ".cache", seed: int = 0) -> str:
-    """Train and cache the default source model on first use; return its checkpoint path."""
+def ensure_default_checkpoint(cache_dir: str = ".cache", seed: int = 0, rotation: bool = False) -> str:
+    """Train and cache the default source model (with `rotation`, SmallCNNRotation) on first use;
+    return its checkpoint path."""
     import json
     import os
     from pathlib import Path
 
     from pipeline.embedded.mnistc import split_digits
 
-    path = Path(cache_dir) / "models" / f"small_cnn-seed{seed}.pt"
+    path = Path(cache_dir) / "models" / f"small_cnn{'_rotation' if rotation else ''}-seed{seed}.pt"
     if path.exists():
         return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     split = split_digits(seed)
     print(f"[train-source] training the default SmallCNN on {len(split['y_train'])} clean digits", flush=True)
-    state = train_source_model(split["x_train"], split["y_train"], seed=seed)
-    model = small_cnn()
+    state = train_source_model(split["x_train"], split["y_train"], seed=seed, rotation=rotation)
+    model = small_cnn_rotation() if rotation else small_cnn()
     model.load_state_dict(state)
     model.eval()
     x = (torch.from_numpy(split["x_test"].astype("float32")).unsqueeze(1) / 255.0 - 0.1307) / 0.3081

@@ -28,6 +28,7 @@ from workers.models import NO_CHECKPOINT
 from workers.ttt_worker import build_adapter, embedder_name
 
 DEFAULT_FACTORY = "pipeline.embedded.model:small_cnn"
+ROTATION_FACTORY = "pipeline.embedded.model:small_cnn_rotation"  # TTT's rotation head (method ttt)
 
 
 def resolve_defaults(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
@@ -49,8 +50,8 @@ def resolve_defaults(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.path: not a Hugging Face model directory (no config.json): {path}")
         updates["model"] = cfg.model.model_copy(update={"path": str(Path(path).resolve())})
-    elif cfg.model.factory == DEFAULT_FACTORY and cfg.model.checkpoint is None:
-        ckpt = ensure_default_checkpoint(cfg.data.cache_dir, cfg.data.seed)
+    elif cfg.model.factory in (DEFAULT_FACTORY, ROTATION_FACTORY) and cfg.model.checkpoint is None:
+        ckpt = ensure_default_checkpoint(cfg.data.cache_dir, cfg.data.seed, rotation=cfg.model.factory == ROTATION_FACTORY)
         updates["model"] = cfg.model.model_copy(update={"checkpoint": str(Path(ckpt).resolve())})
     elif cfg.model.checkpoint is None:
         raise ConfigError(f"model.checkpoint is not set for model.factory {cfg.model.factory!r}: give a state_dict "

@@ -4,22 +4,34 @@ from __future__ import annotations
 from typing import Any
 
 from ttt.config import TTTConfig
+from ttt.methods.adacontrast import AdaContrast
 from ttt.methods.base import GradientMethod, Method, MissingHookError, StepResult
+from ttt.methods.bn_alpha import BNAlpha
+from ttt.methods.cmf import CMF
 from ttt.methods.cotta import CoTTA
 from ttt.methods.deyo import DeYO
 from ttt.methods.eata import EATA
 from ttt.methods.lame import LAME
+from ttt.methods.memo import MEMO
 from ttt.methods.mim import MIM
 from ttt.methods.nn import NN
 from ttt.methods.nn_lm import NNLM
+from ttt.methods.rmt import RMT
 from ttt.methods.roid import ROID
 from ttt.methods.rotta import RoTTA
+from ttt.methods.rpl import RPL
+from ttt.methods.santa import SANTA
 from ttt.methods.sar import SAR
+from ttt.methods.shot_im import SHOTIM
 from ttt.methods.source import Norm, Source
+from ttt.methods.t3a import T3A
 from ttt.methods.tent import Tent
+from ttt.methods.ttt_rotation import RotationTTT
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA, NN,
-                                                         EATA, SAR, RoTTA, LAME, DeYO, ROID)}
+                                                         EATA, SAR, RoTTA, LAME, DeYO, ROID,
+                                                         RMT, AdaContrast, CMF, MEMO, RPL, SANTA, T3A, SHOTIM,
+                                                         BNAlpha, RotationTTT)}
 # a method whose implementation depends on the model kind: (name, kind) -> class
 BY_KIND: dict[tuple[str, str], type[Method]] = {("nn", "causal_lm"): NNLM}
 

@@ -112,10 +112,28 @@ def augmented_view(adapter: Any, inputs: torch.Tensor, generator: torch.Generato
     return random_hflip(view, generator) if flips else view
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig, nesterov: bool = False) -> torch.optim.Optimizer:
+    """Adam (beta1 = cfg.momentum) or SGD; `nesterov` (SGD with momentum only) for the methods whose
+    reference uses it (AdaContrast, MEMO: mariodoebler's OPTIM.NESTEROV)."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=nesterov and cfg.momentum > 0)
+
+
+def split_model(adapter: Any, model: nn.Module | None = None) -> tuple[Any, nn.Linear]:
+    """(features, classifier) of a model for the methods that need both (T3A, SHOT-IM, RMT, SANTA,
+    AdaContrast): `features(x)` is the adapter's `embed` hook flattened, `classifier` the final
+    linear layer it feeds (the adapter's `classifier` hook). With `model` (a copy of the adapter's,
+    e.g. a teacher), the same two taken from that copy: its `embed` and its layer at the same name."""
+    head = adapter.classifier()
+    if model is None or model is adapter.get_model():
+        return (lambda x: adapter.embed(x).flatten(1)), head
+    names = {id(m): n for n, m in adapter.get_model().named_modules()}
+    if id(head) not in names:
+        raise ValueError("the classifier hook's layer is not a submodule of the model")
+    copy_head = model.get_submodule(names[id(head)])
+    return (lambda x: model.embed(x).flatten(1)), copy_head
 
 
 class GradientMethod(Method):
@@ -189,6 +207,12 @@ class GradientMethod(Method):
 
     def after_step(self) -> None:
         """Hook run after each kept optimiser step (CoTTA: EMA teacher, stochastic restore)."""
+
+    def extra_params(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the model that the optimiser also steps (RMT's and SANTA's
+        projector): rolled back with the model's on a guard breach; not in `self.params`, so they
+        count in neither updated_param_count, grad_norm, clipping nor the update caps."""
+        return []
 
     def _backward(self, loss: torch.Tensor) -> None:
         """loss.backward(); under fp16 (`loss_scale` set) the loss is scaled up first so small
@@ -287,7 +311,7 @@ class GradientMethod(Method):
         """One guarded update of `loss(inputs)`, recorded into `out`; False when the batch's
         steps must stop (a guard breach, rolled back, or nothing left to learn from)."""
         g = self.cfg.guards
-        checkpoint = StepCheckpoint(self.model, self.params, self.optimizer)
+        checkpoint = StepCheckpoint(self.model, self.params + self.extra_params(), self.optimizer)
         t_f = time.perf_counter()
         loss, logits, parts = self.loss(inputs)
         out["t_forward"] = time.perf_counter() - t_f

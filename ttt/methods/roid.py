@@ -78,14 +78,19 @@ class ROID(GradientMethod):
         self.class_probs: torch.Tensor | None = None  # uniform once the number of classes is known
 
     def reseed(self) -> None:
-        self._augment_generator = seeded_generator(self.cfg.seed, "roid.augment")
+        self._augment_generator = seeded_generator(self.cfg.seed, f"{self.name}.augment")
 
     def reset(self) -> None:
         super().reset()
         self.class_probs = None
 
+    @property
+    def loss_cfg(self):
+        """The block the loss, prior correction and views read (CMF reuses them with its own)."""
+        return self.cfg.roid
+
     def loss(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        c = self.cfg.roid
+        c = self.loss_cfg
         logits = self.model(inputs)
         n_classes = logits.shape[1]
         if self.class_probs is None:
@@ -116,7 +121,7 @@ class ROID(GradientMethod):
         ema_update_(self.params, self.source_params(), self.cfg.roid.momentum_src)
 
     def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return prior_correction(logits.detach()) if self.cfg.roid.use_prior_correction else logits
+        return prior_correction(logits.detach()) if self.loss_cfg.use_prior_correction else logits
 
     def predict_after_update(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
