@@ -98,8 +98,22 @@ def test_cifar_c_bad_input_names_the_problem(cifar_c, tmp_path):
         cifar_c_pool(tmp_path, ["fog"])
 
 
+IMAGENET_INDEX = {"n01440764": 0, "n02085620": 151, "n10148035": 982}  # their places among the 1,000 wnids
+
+
+def test_imagenet_c_class_index_is_the_models_imagenet_index(imagenet_c):
+    """wnid folders are labelled with the model's ImageNet-1k index, not their rank among the folders found."""
+    pool = imagenet_c_pool(imagenet_c, ["fog"], severities=[3])
+    assert {(r["path"].split("/")[-2], r["label"]) for r in pool.to_pylist()} == set(IMAGENET_INDEX.items())
+    assert pool.equals(imagenet_c_pool(imagenet_c, ["fog"], severities=[3], classes="imagenet"))
+    folder = folder_pool(imagenet_c / "fog" / "3")
+    assert {(r["path"].split("/")[-2], r["label"]) for r in folder.to_pylist()} == set(IMAGENET_INDEX.items())
+    with pytest.raises(LayoutError, match="not an ImageNet-1k wnid"):
+        folder_pool(imagenet_c / "fog", classes="imagenet")  # folders 3 and 5
+
+
 def test_imagenet_c_class_index_is_imagefolders(imagenet_c):
-    pool = imagenet_c_pool(imagenet_c, ["fog", "snow"], severities=[3, 5])
+    pool = imagenet_c_pool(imagenet_c, ["fog", "snow"], severities=[3, 5], classes="found")
     assert pool.num_rows == 2 * 2 * len(WNIDS) * 3
     for c in ("fog", "snow"):
         for s in (3, 5):
@@ -117,13 +131,13 @@ def test_imagenet_c_seeded_subset_and_subset_file(imagenet_c, tmp_path):
     listed = ["n10148035/ILSVRC2012_val_00000021.JPEG", "n01440764/ILSVRC2012_val_00000010.JPEG"]
     from_file = imagenet_c_pool(imagenet_c, ["snow"], subset="file", subset_keys=listed)
     assert [sid.split("/", 1)[1] for sid in from_file.column("sample_id").to_pylist()] == listed
-    assert from_file.column("label").to_pylist() == [2, 0]
+    assert from_file.column("label").to_pylist() == [982, 0]
     with pytest.raises(LayoutError, match="not in the data"):
         imagenet_c_pool(imagenet_c, ["snow"], subset="file", subset_keys=["n0/none.JPEG"])
 
 
 def test_folder_layout_is_one_domain(imagenet_c):
-    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean")
+    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean", classes="found")
     assert set(pool.column("domain").to_pylist()) == {"clean"}
     assert pool.column("label").to_pylist() == [y for _, y in image_folder_samples(imagenet_c / "fog" / "3")]
 
