@@ -157,29 +157,30 @@ def test_manifest_command_writes_the_setting(cifar_c, tmp_path, capsys):
     assert meta["reset_on_domain_change"] is True
 
 
-@pytest.mark.parametrize("config, n_params, n_keys", [
-    ("configs/cifar10c_wrn28_tent.yaml", 36_479_194, 155),      # WRN-28-10 as RobustBench's Standard
-    ("configs/imagenetc_resnet50_tent.yaml", 25_557_032, 320),  # torchvision's resnet50 count and keys
+@pytest.mark.parametrize("config, n_params, n_keys, shape", [
+    ("configs/cifar10c_wrn28_tent.yaml", 36_479_194, 155, [3, 32, 32]),     # WRN-28-10 as RobustBench's Standard
+    ("configs/imagenetc_resnet50_tent.yaml", 25_557_032, 320, [3, 224, 224]),  # torchvision's resnet50
+    ("configs/imagenetc_vit_sar.yaml", 86_567_656, 152, [3, 224, 224]),     # timm's vit_base_patch16_224
 ])
-def test_zoo_configs_build_their_model_and_load_a_saved_state_dict(config, n_params, n_keys, tmp_path):
-    import importlib
-
+def test_model_configs_build_their_model_and_load_a_saved_state_dict(config, n_params, n_keys, shape, tmp_path):
     import torch
-    import yaml
+
+    from pipeline.checks import resolve_preprocess
+    from pipeline.config import load_config
+    from workers.models import load_model
 
     torch.set_num_threads(1)
-    model_cfg = yaml.safe_load(open(config))["model"]
-    module, _, func = model_cfg["factory"].partition(":")
-    build = getattr(importlib.import_module(module), func)
+    model_cfg = load_config(config).model
     torch.manual_seed(0)
-    model = build(**model_cfg["factory_kwargs"])
+    model = load_model(model_cfg.factory, None, model_cfg.factory_kwargs)
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert len(model.state_dict()) == n_keys
+    resolved = resolve_preprocess(model_cfg, model)  # `preprocess: auto`, from the model itself
+    assert resolved.image_shape == shape and resolved.preprocess_from
     torch.save(model.state_dict(), tmp_path / "w.pt")
     torch.manual_seed(1)
-    fresh = build(**model_cfg["factory_kwargs"])
-    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
-    x = torch.rand(1, *model_cfg["image_shape"])
+    fresh = load_model(model_cfg.factory, str(tmp_path / "w.pt"), model_cfg.factory_kwargs)
+    x = torch.rand(1, *shape)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), fresh.eval()(x))
-    assert model(x).shape == (1, model_cfg["factory_kwargs"]["num_classes"])
+        assert torch.equal(model.eval()(x), fresh(x))
+    assert model(x).shape == (1, model_cfg.factory_kwargs.get("num_classes", 10))
