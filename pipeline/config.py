@@ -70,6 +70,17 @@ class ModelConfig(_Strict):
     resize: int | None = Field(None, ge=1)
     center_crop: int | None = Field(None, ge=1)
     color_mode: Literal["auto", "strict"] = "auto"
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # of the resize
+    # auto: image_shape, mean, std, resize, center_crop and interpolation come from the model itself
+    # (timm's data config of the model; the transforms of `weights_enum` for torchvision; the zoo's
+    # RobustBench models: [0, 1] inputs) wherever the config does not set them (explicit fields win);
+    # explicit: the fields as given (their defaults are the embedded MNIST model's)
+    preprocess: Literal["explicit", "auto"] = "explicit"
+    weights_enum: str | None = None  # torchvision weights enum whose transforms to use, e.g. ResNet50_Weights.IMAGENET1K_V2
+    preprocess_from: str | None = None  # set by the job: where `auto` took the preprocessing from (run.json)
+    # score over a subset of the model's classes (the logits masked to them): imagenet_r, imagenet_a
+    # (the 200 classes of each, timm's lists) or a file of class indices / ImageNet wnids
+    class_subset: str | None = None
     # causal_lm: a Hugging Face model directory (save_pretrained layout, loaded offline)
     path: str | None = None  # None = the embedded tiny GPT-2 (trained once under data.cache_dir)
     lora: LoraConfig | None = None  # None = no adapter (method nn on a causal LM needs one)

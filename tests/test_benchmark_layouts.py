@@ -103,8 +103,22 @@ def test_cifar_c_bad_input_names_the_problem(cifar_c, tmp_path):
         cifar_c_pool(tmp_path, ["fog"])
 
 
+IMAGENET_INDEX = {"n01440764": 0, "n02085620": 151, "n10148035": 982}  # their places among the 1,000 wnids
+
+
+def test_imagenet_c_class_index_is_the_models_imagenet_index(imagenet_c):
+    """wnid folders are labelled with the model's ImageNet-1k index, not their rank among the folders found."""
+    pool = imagenet_c_pool(imagenet_c, ["fog"], severities=[3])
+    assert {(r["path"].split("/")[-2], r["label"]) for r in pool.to_pylist()} == set(IMAGENET_INDEX.items())
+    assert pool.equals(imagenet_c_pool(imagenet_c, ["fog"], severities=[3], classes="imagenet"))
+    folder = folder_pool(imagenet_c / "fog" / "3")
+    assert {(r["path"].split("/")[-2], r["label"]) for r in folder.to_pylist()} == set(IMAGENET_INDEX.items())
+    with pytest.raises(LayoutError, match="not an ImageNet-1k wnid"):
+        folder_pool(imagenet_c / "fog", classes="imagenet")  # folders 3 and 5
+
+
 def test_imagenet_c_class_index_is_imagefolders(imagenet_c):
-    pool = imagenet_c_pool(imagenet_c, ["fog", "snow"], severities=[3, 5])
+    pool = imagenet_c_pool(imagenet_c, ["fog", "snow"], severities=[3, 5], classes="found")
     assert pool.num_rows == 2 * 2 * len(WNIDS) * 3
     for c in ("fog", "snow"):
         for s in (3, 5):
@@ -122,13 +136,13 @@ def test_imagenet_c_seeded_subset_and_subset_file(imagenet_c, tmp_path):
     listed = ["n10148035/ILSVRC2012_val_00000021.JPEG", "n01440764/ILSVRC2012_val_00000010.JPEG"]
     from_file = imagenet_c_pool(imagenet_c, ["snow"], subset="file", subset_keys=listed)
     assert [sid.split("/", 1)[1] for sid in from_file.column("sample_id").to_pylist()] == listed
-    assert from_file.column("label").to_pylist() == [2, 0]
+    assert from_file.column("label").to_pylist() == [982, 0]
     with pytest.raises(LayoutError, match="not in the data"):
         imagenet_c_pool(imagenet_c, ["snow"], subset="file", subset_keys=["n0/none.JPEG"])
 
 
 def test_folder_layout_is_one_domain(imagenet_c):
-    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean")
+    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean", classes="found")
     assert set(pool.column("domain").to_pylist()) == {"clean"}
     assert pool.column("label").to_pylist() == [y for _, y in image_folder_samples(imagenet_c / "fog" / "3")]
 
@@ -148,29 +162,30 @@ def test_manifest_command_writes_the_setting(cifar_c, tmp_path, capsys):
     assert meta["reset_on_domain_change"] is True
 
 
-@pytest.mark.parametrize("config, n_params, n_keys", [
-    ("configs/cifar10c_wrn28_tent.yaml", 36_479_194, 155),      # WRN-28-10 as RobustBench's Standard
-    ("configs/imagenetc_resnet50_tent.yaml", 25_557_032, 320),  # torchvision's resnet50 count and keys
+@pytest.mark.parametrize("config, n_params, n_keys, shape", [
+    ("configs/cifar10c_wrn28_tent.yaml", 36_479_194, 155, [3, 32, 32]),     # WRN-28-10 as RobustBench's Standard
+    ("configs/imagenetc_resnet50_tent.yaml", 25_557_032, 320, [3, 224, 224]),  # torchvision's resnet50
+    ("configs/imagenetc_vit_sar.yaml", 86_567_656, 152, [3, 224, 224]),     # timm's vit_base_patch16_224
 ])
-def test_zoo_configs_build_their_model_and_load_a_saved_state_dict(config, n_params, n_keys, tmp_path):
-    import importlib
-
+def test_model_configs_build_their_model_and_load_a_saved_state_dict(config, n_params, n_keys, shape, tmp_path):
     import torch
-    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.job.checks import resolve_preprocess
+    from workers.models import load_model
 
     torch.set_num_threads(1)
-    model_cfg = yaml.safe_load(open(config))["model"]
-    module, _, func = model_cfg["factory"].partition(":")
-    build = getattr(importlib.import_module(module), func)
+    model_cfg = load_config(config).model
     torch.manual_seed(0)
-    model = build(**model_cfg["factory_kwargs"])
+    model = load_model(model_cfg.factory, None, model_cfg.factory_kwargs)
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert len(model.state_dict()) == n_keys
+    resolved = resolve_preprocess(model_cfg, model)  # `preprocess: auto`, from the model itself
+    assert resolved.image_shape == shape and resolved.preprocess_from
     torch.save(model.state_dict(), tmp_path / "w.pt")
     torch.manual_seed(1)
-    fresh = build(**model_cfg["factory_kwargs"])
-    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
-    x = torch.rand(1, *model_cfg["image_shape"])
+    fresh = load_model(model_cfg.factory, str(tmp_path / "w.pt"), model_cfg.factory_kwargs)
+    x = torch.rand(1, *shape)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), fresh.eval()(x))
-    assert model(x).shape == (1, model_cfg["factory_kwargs"]["num_classes"])
+        assert torch.equal(model.eval()(x), fresh(x))
+    assert model(x).shape == (1, model_cfg.factory_kwargs.get("num_classes", 10))

@@ -1,6 +1,7 @@
-"""Zoo models through the real job: a tiny WRN and the ResNet-50 (random weights, saved with
-torch.save(state_dict), loaded by `model.checkpoint`) on a tiny CIFAR-C-layout directory built
-here, with per-channel normalisation, resize and centre crop checked against a forward by hand."""
+"""Zoo and library models through the real job: a tiny WRN (pipeline.benchmarks.zoo) and torchvision's
+ResNet-50 (random weights, saved with torch.save(state_dict), loaded by `model.checkpoint`) on a
+tiny CIFAR-C-layout directory built here, with per-channel normalisation, resize and centre crop
+checked against a forward of torchvision's own transforms."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
+from PIL import Image
+from torchvision import transforms
+from torchvision.models import resnet50
 
 from pipeline.benchmarks.layouts import build_manifest
-from pipeline.benchmarks.zoo import resnet50, wide_resnet
+from pipeline.benchmarks.zoo import wide_resnet
 from pipeline.config import load_config
 from pipeline.job.runner import run_job
 
@@ -31,7 +34,7 @@ MODELS = {
             "build": lambda: wide_resnet(depth=10, widen_factor=1, num_classes=NUM_CLASSES), "resize": None, "center_crop": None,
             "fc_scale": 4.0},
     # the full ResNet-50 (torchvision's names), fed 32 px crops of 40 px resizes to stay cheap
-    "resnet50": {"factory": "pipeline.benchmarks.zoo:resnet50", "factory_kwargs": {"num_classes": NUM_CLASSES},
+    "resnet50": {"factory": "torchvision.models:resnet50", "factory_kwargs": {"num_classes": NUM_CLASSES},
                  "build": lambda: resnet50(num_classes=NUM_CLASSES), "resize": 40, "center_crop": 32,
                  "fc_scale": 0.05},
 }
@@ -85,14 +88,11 @@ def _config(name: str, manifest, checkpoint, tmp_path, method: str):
 
 
 def _by_hand(image_hwc: np.ndarray, resize: int | None, crop: int | None, mean, std) -> torch.Tensor:
-    """torchvision's ToTensor -> Resize(int) -> CenterCrop -> Normalize, written out."""
-    x = torch.from_numpy(image_hwc.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    if resize is not None:  # square input: the shorter side is both
-        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    if crop is not None:
-        top = (x.shape[-1] - crop) // 2
-        x = x[..., top:top + crop, top:top + crop]
-    return torch.cat([(x[:, c] - mean[c]) / std[c] for c in range(3)]).unsqueeze(0)
+    """torchvision's Resize(int) -> CenterCrop -> ToTensor -> Normalize on the PIL image."""
+    steps = ([transforms.Resize(resize)] if resize is not None else []) + \
+        ([transforms.CenterCrop(crop)] if crop is not None else [])
+    t = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return t(Image.fromarray(image_hwc)).unsqueeze(0)
 
 
 def _confidence_entropy(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, int]:

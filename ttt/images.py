@@ -13,9 +13,13 @@ Nothing is ever reshaped across rows and columns: a 14x56 image is not a 28x28 o
 
 Value scale: 8-bit images are divided by 255, 16-bit ones by 65,535; float or integer arrays
 whose maximum exceeds 1 are taken as 0-255, otherwise as 0-1 (the rule the embedded MNIST-C
-data and the first version used). Resize (shorter side, bilinear with antialiasing, as
-torchvision's `Resize(int)` on tensors) and centre crop run on the [0, 1] float image; the
-per-channel mean / std normalisation runs last, on the batch.
+data and the first version used). Resize (shorter side, `interpolation` bilinear / bicubic /
+nearest) and centre crop follow torchvision's `Resize(int)` + `CenterCrop` (what torchvision's
+weights transforms and timm's eval transform are): 8-bit images are resized by Pillow on their
+8-bit values, as those transforms do on the PIL images their loaders open, so the result equals
+theirs bit for bit (tests/test_real_models.py); other images (16-bit, float arrays) are resized
+as float tensors with antialiasing, which torchvision documents as close to Pillow's, not equal.
+The per-channel mean / std normalisation runs last, on the batch.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ ColorMode = Literal["auto", "strict"]
 # are converted; "I" / "F" hold 32-bit values whose scale is unknown and are checked as arrays)
 _CONVERT_TO_RGB = {"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "RGBa"}
 _CONVERT_TO_L = {"1", "LA", "La"}
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
 
 class RowError(ValueError):
@@ -54,6 +59,9 @@ class ImageSpec:
     resize: int | None = None
     center_crop: int | None = None
     color_mode: ColorMode = "auto"
+    interpolation: Interpolation = "bilinear"
+    # the model's class indices a label may take (model.class_subset: the classes it is scored over)
+    label_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3:
@@ -64,6 +72,8 @@ class ImageSpec:
                 raise ValueError(f"model.{name} has {len(values)} values; the model has {self.shape[0]} channels")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"model.std must be positive, got {list(self.std)}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"model.interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
 
     @property
     def channels(self) -> int:
@@ -75,7 +85,9 @@ class ImageSpec:
         return cls(shape=tuple(int(s) for s in model.get("image_shape", (1, 28, 28))),
                    mean=_floats(model.get("mean", 0.1307)), std=_floats(model.get("std", 0.3081)),
                    resize=model.get("resize"), center_crop=model.get("center_crop"),
-                   color_mode=model.get("color_mode", "auto"))
+                   color_mode=model.get("color_mode", "auto"),
+                   interpolation=model.get("interpolation") or "bilinear",
+                   label_indices=_label_indices(model.get("class_subset")))
 
 
 class ArrayFiles:
@@ -152,10 +164,15 @@ def read_file(path: str) -> np.ndarray:
 
 def to_model_image(arr: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """A numeric image array -> float32 [C, H, W] in [0, 1] in the model's channels and size."""
-    x = _scaled(arr)
-    x = _channels_first(x)
-    x = _match_channels(x, spec)
-    if spec.resize is not None or spec.center_crop is not None:
+    x = _channels_first(arr)
+    if x.shape[0] == 4:  # RGBA / RGBX arrays: drop alpha
+        x = x[:3]
+    resizes = spec.resize is not None or spec.center_crop is not None
+    if resizes and x.dtype == np.uint8 and x.shape[0] in (1, 3):
+        x = _pil_resize_crop(x, spec)  # on the 8-bit values, as torchvision / timm transforms on PIL images
+        resizes = False
+    x = _match_channels(_scaled(x), spec)
+    if resizes:
         x = _resize_crop(x, spec)
     if tuple(x.shape[1:]) != tuple(spec.shape[1:]):
         h, w = x.shape[1:]
@@ -291,8 +308,6 @@ def _channels_first(x: np.ndarray) -> np.ndarray:
 
 
 def _match_channels(x: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    if x.shape[0] == 4:  # RGBA / RGBX arrays: drop alpha
-        x = x[:3]
     have, want = x.shape[0], spec.channels
     if have == want:
         return x
@@ -305,21 +320,61 @@ def _match_channels(x: np.ndarray, spec: ImageSpec) -> np.ndarray:
     raise RowError(f"image has {have} channel(s), the model takes {want}")
 
 
+def _resized_size(h: int, w: int, resize: int) -> tuple[int, int]:
+    """(H, W) after resizing the shorter side to `resize`, the longer one truncated, as torchvision."""
+    short, long = min(h, w), max(h, w)
+    long = int(resize * long / short)
+    return (resize, long) if h <= w else (long, resize)
+
+
+def _crop_box(h: int, w: int, c: int) -> tuple[int, int]:
+    """(top, left) of torchvision's CenterCrop; refuses an image smaller than the crop."""
+    if h < c or w < c:
+        raise RowError(f"image is {h}x{w}, smaller than model.center_crop={c}")
+    return int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+
+
+def _pil_resize_crop(x: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """8-bit [C, H, W] (C = 1 or 3) -> resized and cropped 8-bit [C, h, w] by Pillow, as
+    torchvision's Resize / CenterCrop on a PIL image (antialiasing is Pillow's own)."""
+    from PIL import Image
+
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                "nearest": Image.Resampling.NEAREST}[spec.interpolation]
+    img = Image.fromarray(np.ascontiguousarray(x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)))
+    if spec.resize is not None:
+        h, w = _resized_size(img.height, img.width, spec.resize)
+        if (h, w) != (img.height, img.width):
+            img = img.resize((w, h), resample)
+    out = np.asarray(img)
+    out = out[None] if out.ndim == 2 else np.moveaxis(out, -1, 0)
+    if spec.center_crop is not None:
+        c = spec.center_crop
+        top, left = _crop_box(out.shape[1], out.shape[2], c)
+        out = out[:, top:top + c, left:left + c]
+    return out
+
+
 def _resize_crop(x: np.ndarray, spec: ImageSpec) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
     if spec.resize is not None:
         h, w = t.shape[-2:]
-        short = min(h, w)
-        long = int(spec.resize * max(h, w) / short)  # truncated, as torchvision computes it
-        size = (spec.resize, long) if h <= w else (long, spec.resize)
+        size = _resized_size(h, w, spec.resize)
         if size != (h, w):
-            t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0.0, 1.0)
+            mode = spec.interpolation
+            kwargs = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
+            t = F.interpolate(t, size=size, mode=mode, **kwargs).clamp_(0.0, 1.0)
     if spec.center_crop is not None:
         c = spec.center_crop
-        h, w = t.shape[-2:]
-        if h < c or w < c:
-            raise RowError(f"image is {h}x{w}, smaller than model.center_crop={c}")
-        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        top, left = _crop_box(t.shape[-2], t.shape[-1], c)
         t = t[..., top:top + c, left:left + c]
     return t[0].numpy()
+
+
+def _label_indices(subset: Any) -> tuple[int, ...] | None:
+    if subset is None:
+        return None
+    from ttt.classes import class_subset_indices
+
+    return tuple(class_subset_indices(subset))
 

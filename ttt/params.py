@@ -40,6 +40,37 @@ def select_params(model: nn.Module, update_filter: UpdateFilter) -> list[nn.Para
     return params
 
 
+# The top of the network SAR and DeYO leave alone (mr-eggplant/SAR and Jhyun17/DeYO `collect_params`,
+# kept by mariodoebler/test-time-adaptation): `layer4` of a ResNet, blocks 9-11 of a ViT-B and its
+# final `norm`; substring matches on module names, as the references match them.
+REFERENCE_TOP_EXCLUSIONS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+
+
+def reference_norm_params(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """SAR's / DeYO's parameter set: the affine parameters of the normalisation layers (BatchNorm,
+    LayerNorm, GroupNorm) outside REFERENCE_TOP_EXCLUSIONS and the module named `norm`, marked
+    trainable (and only them). Names are the model's own (a class-subset wrapper is looked through)."""
+    base = getattr(model, "model", model) if type(model).__name__ == "SubsetLogits" else model
+    model.requires_grad_(False)
+    params = []
+    for name, m in base.named_modules():
+        if any(x in name for x in REFERENCE_TOP_EXCLUSIONS) or name == "norm":
+            continue
+        if isinstance(m, NORM_TYPES):
+            params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+    if not params:
+        raise UpdateFilterError(
+            f"{method}: update_filter=norm_only: model {type(base).__name__} has no normalisation layers with affine "
+            "parameters outside the top layers its reference leaves alone; set ttt.update_filter=all")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def use_batch_norm_stats(model: nn.Module) -> None:
     """BatchNorm normalises with the test batch's statistics (Tent's BN baseline and its setup)."""
     for m in model.modules():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ttt.augment import cotta_augment
+from ttt.classes import SubsetLogits
 from ttt.images import ArrayFiles, ImageSpec, denormalise, normalise, read_row
 from ttt.losses import softmax_entropy
 
@@ -65,9 +66,23 @@ class ImageRowReader:
         self.spec, self.num_classes, self.read_timeout_s = spec, num_classes, read_timeout_s
         self.arrays = ArrayFiles()
 
+    def check_label(self, value: Any) -> None:
+        """ValueError naming the problem for a label the model cannot be scored on: outside its
+        classes, or (with model.class_subset) outside the subset it is scored over."""
+        subset = self.spec.label_indices
+        label = parse_label(value, None if subset else self.num_classes)
+        if subset and label is not None and label not in self._subset:
+            raise ValueError(f"column 'label': {label} is not one of the {len(subset)} classes of model.class_subset")
+
+    @property
+    def _subset(self) -> frozenset[int]:
+        if getattr(self, "_subset_set", None) is None:
+            self._subset_set = frozenset(self.spec.label_indices or ())
+        return self._subset_set
+
     def decode(self, record: dict[str, Any]) -> np.ndarray:
         """One row -> float32 [C, H, W] in [0, 1]; raises ValueError naming the problem."""
-        parse_label(record.get("label"), self.num_classes)
+        self.check_label(record.get("label"))
         return read_row(record, self.spec, self.arrays)
 
     def read_labels(self, labels: list[Any]) -> list[str | None]:
@@ -75,7 +90,7 @@ class ImageRowReader:
         out: list[str | None] = []
         for value in labels:
             try:
-                parse_label(value, self.num_classes)
+                self.check_label(value)
                 out.append(None)
             except ValueError as exc:
                 out.append(f"{type(exc).__name__}: {exc}")
@@ -136,13 +151,19 @@ class ImageClassifierAdapter:
     def __init__(self, model: nn.Module, *, device: str = "cpu", spec: ImageSpec | None = None,
                  read_timeout_s: float | None = 60.0):
         self.device = torch.device(device)
+        self.spec = spec or ImageSpec()
+        if self.spec.label_indices and not isinstance(model, SubsetLogits):
+            # model.class_subset: every forward (predictions, entropies, method losses) sees only those logits
+            model = SubsetLogits(model, self.spec.label_indices)
         # channels-last on CUDA for convolutional models (tensor-core friendly); CPU keeps NCHW
         self.channels_last = self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.model = model.to(self.device, memory_format=torch.channels_last) if self.channels_last else \
             model.to(self.device)
-        self.spec = spec or ImageSpec()
         self.image_shape = self.spec.shape
-        self.num_classes = self._count_classes()
+        self.num_classes = self._count_classes()  # of the whole model (labels are its class indices)
+        if self.spec.label_indices and self.num_classes is not None and max(self.spec.label_indices) >= self.num_classes:
+            raise ValueError(f"model.class_subset names class {max(self.spec.label_indices)}, but the model has "
+                             f"{self.num_classes} outputs")
         self.reader = ImageRowReader(self.spec, num_classes=self.num_classes, read_timeout_s=read_timeout_s)
 
     def _count_classes(self) -> int | None:
@@ -150,9 +171,10 @@ class ImageClassifierAdapter:
         any method configures the model); None when the model cannot tell."""
         was_training = self.model.training
         self.model.eval()
+        model = self.model.model if isinstance(self.model, SubsetLogits) else self.model
         try:
             with torch.no_grad():
-                out = self.model(torch.zeros((1, *self.spec.shape), device=self.device))
+                out = model(torch.zeros((1, *self.spec.shape), device=self.device))
             return int(out.shape[1]) if out.ndim == 2 else None
         except Exception:
             return None
@@ -205,7 +227,11 @@ class ImageClassifierAdapter:
         if logits is None:
             with torch.no_grad():
                 logits = self.forward(batch.inputs)
-        return class_predictions(logits)
+        rows = class_predictions(logits)
+        if self.spec.label_indices:  # a subset position -> the model's class index (the manifest's labels)
+            for row in rows:
+                row["prediction"] = self.spec.label_indices[row["prediction"]]
+        return rows
 
     # -- hooks -------------------------------------------------------------------------
     def reconstruct(self, masked_inputs: torch.Tensor) -> torch.Tensor:

@@ -158,8 +158,20 @@ class TTTWorker:
             timeline["first_batch"] = self._progress.get("first_batch_at")
             chunk.update(shard=shard, offset=st.offset, batch_index=st.batch_index, prev_domain=st.prev_domain,
                          done=st.method_state is None, method_state=_to_bytes(st.method_state), node=self.node,
-                         timeline=timeline)
+                         timeline=timeline, memory=peak_memory(self.name, self.device))
             yield chunk
+
+
+def peak_memory(worker: str, device: str) -> dict[str, Any]:
+    """This process's peak resident memory (getrusage: the high-water mark, not the current RSS)
+    and, on CUDA, the peak GPU memory torch allocated (torch.cuda.max_memory_allocated), in MiB."""
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = None
+    if device == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return {"worker": worker, "peak_rss_mb": rss_kib / 1024, "peak_gpu_mb": gpu}
 
 
 def _stamp_first(items: Iterator[Any], timeline: dict[str, float], key: str) -> Iterator[Any]:

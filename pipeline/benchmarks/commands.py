@@ -52,7 +52,9 @@ def manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-domain", type=int, default=None, help="samples per domain (default all)")
     p.add_argument("--subset", choices=("first", "seeded"), default="first", help="first N, or N drawn by --seed")
     p.add_argument("--subset-file", default=None, help="keep the samples this file lists (one <class>/<file> per line, in order)")
-    p.add_argument("--classes", default=None, help="file of class folder names, one per line, in class-index order")
+    p.add_argument("--classes", default=None,
+                   help="imagenet (the model's ImageNet-1k index of each wnid folder; the default when every folder "
+                        "is one), found (sorted folders found), or a file of class folder names in class-index order")
     p.add_argument("--domain", default=None, help="folder layout: the domain name (default the folder's name)")
     p.add_argument("--seed", type=int, default=0, help="the seeded subset's seed")
     p.add_argument("--setting", choices=SETTINGS, default="continual")
@@ -80,7 +82,7 @@ def manifest_main(argv: list[str]) -> int:
     options: dict[str, Any] = {
         "per_domain": args.per_domain, "subset": "file" if args.subset_file else args.subset, "seed": args.seed,
         "subset_keys": read_lines(args.subset_file) if args.subset_file else None,
-        "classes": read_lines(args.classes) if args.classes else None,
+        "classes": args.classes if args.classes in (None, "imagenet", "found") else read_lines(args.classes),
     }
     if args.layout == "folder":
         options["domain"] = args.domain

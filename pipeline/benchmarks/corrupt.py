@@ -54,6 +54,7 @@ from pipeline.benchmarks.layouts import (
     SEVERITIES,
     build_manifest,
     class_folders,
+    class_indices,
     list_images,
 )
 
@@ -147,14 +148,15 @@ def _default_classes(labels: np.ndarray) -> list[str]:
 
 def source_from_folder(root: str | Path) -> CleanSource:
     root = Path(root).resolve()
-    classes = class_folders(root)
+    classes, index = class_indices(class_folders(root))  # wnid folders: the model's ImageNet index
     keys = list_images(root, classes)
     if not keys:
         raise CorruptError(f"no images in class folders under {root}")
-    index = {c: i for i, c in enumerate(classes)}
+    imagenet = any(index[c] != i for i, c in enumerate(classes))
     return CleanSource(labels=np.asarray([index[k.split("/", 1)[0]] for k in keys], np.int64),
                        names=[k.split("/", 1)[1].rsplit(".", 1)[0] for k in keys], classes=classes,
-                       files=[str(root / k) for k in keys], description={"kind": "folder", "root": str(root)})
+                       files=[str(root / k) for k in keys],
+                       description={"kind": "folder", "root": str(root), "labels": "imagenet" if imagenet else "found"})
 
 
 def source_from_arrays(images: str | Path, labels: str | Path) -> CleanSource:
@@ -336,7 +338,7 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
     (out / "corrupt.json").write_text(json.dumps(info, indent=2))
     options = {"corruptions": list(corruptions), "severities": list(severities)}
     if layout == "files":
-        options["classes"] = source.classes
+        options["classes"] = "imagenet" if source.description.get("labels") == "imagenet" else source.classes
     manifest, _ = build_manifest("cifar-c" if layout == "cifar-c" else "imagenet-c", out, out / "manifest.parquet",
                                  **options)
     return manifest

@@ -6,10 +6,14 @@ Layouts (as the public TTA benchmarks and RobustBench read them):
   shapes and labels are read, by memory map: a row's `path` names the array and `index` its row
   in it, so no pixels are copied into Parquet. A `corrupt.json` beside them (written by
   `python -m pipeline corrupt`) lists which severities the blocks hold; without it, 1..5.
-- `imagenet-c`: `<root>/<corruption>/<severity>/<wnid>/*.JPEG`; the class index is the wnid's
-  rank in sorted order (torchvision's ImageFolder), over the union of the class folders found
-  (or `--classes FILE`, one name per line, for a model whose classes are not all present).
-- `folder`: `<root>/<class>/*.<image>`, one domain (a plain class-folder image set).
+- `imagenet-c`: `<root>/<corruption>/<severity>/<wnid>/*.JPEG`; when every class folder is an
+  ImageNet-1k wnid, the class index is the model's ImageNet index (the 1,000-wnid order of
+  timm's `imagenet_synsets.txt`, ttt.classes), whichever folders are present (a 5,000-image
+  subset, ImageNet-R's or -A's 200 classes); otherwise the folder's rank in sorted order over the
+  union of the folders found (torchvision's ImageFolder). `--classes imagenet | found | FILE`
+  (one name per line, in class-index order) says which explicitly.
+- `folder`: `<root>/<class>/*.<image>`, one domain (a plain class-folder image set), labelled the
+  same way.
 
 A domain is `<corruption>-<severity>`. Samples per domain: all, the first N (RobustBench's choice
 for CIFAR-C), a seeded random N (the same images in every domain, in one seeded random order:
@@ -180,9 +184,7 @@ def imagenet_c_pool(root: str | Path, corruptions: Sequence[str] = BENCHMARK_COR
     root = Path(root).resolve()
     severities = _check_severities(severities)
     dirs = [(c, s, root / c / str(s)) for c in corruptions for s in severities]
-    if classes is None:
-        classes = sorted(set().union(*(class_folders(d) for _, _, d in dirs)))
-    class_index = {c: i for i, c in enumerate(classes)}
+    classes, class_index = class_indices(sorted(set().union(*(class_folders(d) for _, _, d in dirs))), classes)
     listings = [list_images(d, classes) for _, _, d in dirs]
     if not listings[0]:
         raise LayoutError(f"no images under {dirs[0][2]}")
@@ -203,18 +205,37 @@ def imagenet_c_pool(root: str | Path, corruptions: Sequence[str] = BENCHMARK_COR
     return _pool_table(cols)
 
 
+def class_indices(found: Sequence[str], classes: Sequence[str] | str | None = None) -> tuple[list[str], dict[str, int]]:
+    """(class folders to read, folder -> label). `classes`: None = ImageNet indices when every folder
+    found is an ImageNet-1k wnid, else sorted found; "imagenet"; "found"; or a list in index order."""
+    if classes is None or classes == "imagenet":
+        from ttt.classes import imagenet_index
+
+        index = imagenet_index()
+        if all(c in index for c in found) and found:
+            return list(found), {c: index[c] for c in found}
+        if classes == "imagenet":
+            bad = [c for c in found if c not in index]
+            raise LayoutError(f"--classes imagenet: folder {bad[0]!r} is not an ImageNet-1k wnid" if bad
+                              else "--classes imagenet: no class folders found")
+        classes = "found"
+    if classes == "found":
+        classes = list(found)
+    classes = list(classes)
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
 def folder_pool(root: str | Path, per_domain: int | None = None, subset: str = "first", seed: int = 0,
                 subset_keys: Sequence[str] | None = None, classes: Sequence[str] | None = None,
                 domain: str | None = None) -> pa.Table:
     """A plain class-folder image set as one domain (named `domain`, default the folder's name);
     corruption is the domain name, severity 0."""
     root = Path(root).resolve()
-    classes = list(classes) if classes is not None else class_folders(root)
+    classes, class_index = class_indices(class_folders(root), classes)
     listing = list_images(root, classes)
     if not listing:
         raise LayoutError(f"no images in class folders under {root}")
     name = domain or root.name
-    class_index = {c: i for i, c in enumerate(classes)}
     keys = [listing[i] for i in choose_subset(listing, per_domain, subset, seed, subset_keys)]
     cols = {
         "sample_id": [f"{name}/{k}" for k in keys], "path": [str(root / k) for k in keys],

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, ModelConfig, RunConfig
 from pipeline.embedded.resolve import ensure_kb, resolve_defaults
 from pipeline.manifest import check_manifest
 from ttt import build_method
@@ -22,6 +22,7 @@ from ttt.methods import method_class
 from workers.adapter_cache import AdapterCacheActor
 from workers.clients import CacheClient, KBClient
 from workers.kb_actor import KBRetrievalActor
+from workers.models import load_model, model_preprocess
 from workers.ttt_worker import build_adapter, embedder_name, kb_payload
 
 
@@ -36,7 +37,7 @@ def prepare_run(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Run
     check_output_root(cfg.output_root)
     cfg = resolve_defaults(cfg, log)
     check_manifest(cfg.data.manifest, cfg.model.kind)
-    adapter = check_model_loads(cfg)
+    cfg, adapter = check_model_loads(cfg)
     if cfg.ttt.method == "nn":
         cfg = cfg.model_copy(update={"kb": cfg.kb.model_copy(update={"dir": str(Path(ensure_kb(cfg, log)).resolve())})})
     check_method_starts(cfg, adapter)
@@ -54,11 +55,16 @@ def check_output_root(root: str) -> None:
         raise ConfigError(f"output_root {root}: {existing} is not writable")
 
 
-def check_model_loads(cfg: RunConfig) -> Any:
-    """Load the model once on the driver and check the method's hooks against it, before anything
-    is built for the method (nn's default KB embeds with the model's `embed`)."""
+def check_model_loads(cfg: RunConfig) -> tuple[RunConfig, Any]:
+    """Load the model once on the driver, resolve `model.preprocess: auto` from it, and check the
+    method's hooks against it, before anything is built for the method (nn's default KB embeds with
+    the model's `embed`). Returns the config with the preprocessing it resolved, and the adapter."""
     try:
-        adapter = build_adapter(cfg.model.model_dump(), "cpu")
+        model = None
+        if cfg.model.kind == "image_classifier":
+            model = load_model(cfg.model.factory, cfg.model.checkpoint, cfg.model.factory_kwargs, "cpu")
+            cfg = cfg.model_copy(update={"model": resolve_preprocess(cfg.model, model)})
+        adapter = build_adapter(cfg.model.model_dump(), "cpu", model=model)
     except ValueError as exc:  # factory refused or failing, checkpoint refused or not fitting
         raise ConfigError(str(exc)) from None
     cls = method_class(cfg.ttt.method, cfg.model.kind)
@@ -66,7 +72,25 @@ def check_model_loads(cfg: RunConfig) -> Any:
     if missing:
         raise ConfigError(f"ttt.method={cfg.ttt.method} needs hook(s) {missing} that model {cfg.model.factory} "
                           f"({type(adapter.get_model()).__name__}) lacks")
-    return adapter
+    return cfg, adapter
+
+
+def resolve_preprocess(model_cfg: ModelConfig, model: Any) -> ModelConfig:
+    """`model.preprocess: auto`: the preprocessing fields the config leaves unset, from the model
+    (workers.models.model_preprocess); the fields it sets win. `preprocess_from` records where
+    they came from (run.json's resolved config shows both)."""
+    if model_cfg.preprocess != "auto":
+        return model_cfg
+    derived, source = model_preprocess(model, model_cfg.factory, model_cfg.weights_enum)
+    given = model_cfg.model_fields_set
+    update = {k: v for k, v in derived.items() if k not in given}
+    overridden = sorted(k for k in derived if k in given)
+    if overridden:
+        source += f"; set in the config: {', '.join(overridden)}"
+    try:
+        return ModelConfig.model_validate({**model_cfg.model_dump(), **update, "preprocess_from": source})
+    except ValueError as exc:
+        raise ConfigError(f"model.preprocess: auto ({source}): {exc}") from None
 
 
 def check_method_starts(cfg: RunConfig, adapter: Any) -> None:

@@ -119,7 +119,8 @@ def commit_chunk(run_dir: Path, chunk: dict[str, Any], previous: dict[str, Any] 
             raise
     commit = {"shard": shard, "chunk": index, "rows": (previous or {}).get("rows", 0) + len(results),
               "offset": chunk["offset"], "batch_index": chunk["batch_index"], "prev_domain": chunk["prev_domain"],
-              "done": bool(chunk["done"]), "state": state_name, "node": chunk.get("node"), "config_hash": fingerprint}
+              "done": bool(chunk["done"]), "state": state_name, "node": chunk.get("node"), "config_hash": fingerprint,
+              "memory": chunk.get("memory")}
     write_json(commit_path(run_dir, shard), commit)
     if previous is not None and previous.get("state") and previous["state"] != state_name:
         (run_dir / "state" / previous["state"]).unlink(missing_ok=True)
@@ -243,7 +244,26 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
     }
     if lm:
         out["overall"]["bits_per_byte"] = _bits_per_byte(lm_total[1], lm_total[2]) if lm_total[0] else None
+    out["workers"] = worker_memory(run_dir)
     return out
+
+
+def worker_memory(run_dir: Path) -> list[dict[str, Any]]:
+    """Per worker that served the run: its process's peak RSS and (CUDA) peak GPU memory, in MiB,
+    the highest its shards' last commits recorded."""
+    peaks: dict[str, dict[str, Any]] = {}
+    for marker in sorted((run_dir / "results").glob("_COMMIT-*.json")):
+        try:
+            mem = json.loads(marker.read_text()).get("memory")
+        except (OSError, ValueError):
+            continue
+        if not isinstance(mem, dict) or not mem.get("worker"):
+            continue
+        seen = peaks.setdefault(mem["worker"], {"worker": mem["worker"], "peak_rss_mb": None, "peak_gpu_mb": None})
+        for key in ("peak_rss_mb", "peak_gpu_mb"):
+            if mem.get(key) is not None:
+                seen[key] = max(seen[key] or 0.0, float(mem[key]))
+    return list(peaks.values())
 
 
 def _bits_per_byte(nll: float, n_bytes: float) -> float:

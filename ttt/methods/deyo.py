@@ -5,7 +5,8 @@ Reference: Jhyun17/DeYO `methods/deyo.py`, and its benchmark form in mariodoeble
 `classification/methods/deyo.py` (CIFAR-10-C: Adam lr 1e-3, beta 0.9, batch 200; DeYO's defaults:
 margin 0.5 x ln C, margin_e0 0.4 x ln C, PLPD threshold 0.2, patch shuffle with a 4 x 4 grid,
 both re-weightings on). Tent's setup (BatchNorm on test-batch statistics, normalisation affine
-parameters trainable). Per step:
+parameters trainable; with `update_filter: norm_only`, the reference's `collect_params`: not the
+top layers of a ResNet / ViT, `layer4`, `blocks.9-11` and the final `norm`). Per step:
   1. forward; keep samples with entropy E < margin x ln C (S1);
   2. the object-destructive view x' of S1: its patches shuffled (`aug_type: patch`, a fresh
      permutation per image) or its pixels permuted (`pixel`); forward x' without gradient
@@ -28,7 +29,7 @@ import torch
 from ttt.augment import patch_shuffle, pixel_shuffle
 from ttt.losses import softmax_entropy
 from ttt.methods.base import GradientMethod, seeded_generator
-from ttt.params import use_batch_norm_stats
+from ttt.params import reference_norm_params, select_params, use_batch_norm_stats
 
 
 def plpd(probs: torch.Tensor, probs_shuffled: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,11 @@ class DeYO(GradientMethod):
         super().configure()
         use_batch_norm_stats(self.model)
         self.last_shuffled: torch.Tensor | None = None  # the x' of the last step (for inspection)
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        if self.cfg.update_filter == "norm_only":
+            return reference_norm_params(self.model, self.name)
+        return select_params(self.model, self.cfg.update_filter)
 
     def reseed(self) -> None:
         self._shuffle_generator = seeded_generator(self.cfg.seed, "deyo.shuffle")

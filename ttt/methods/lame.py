@@ -30,7 +30,9 @@ def affinity_matrix(features: torch.Tensor, kind: str, knn: int) -> torch.Tensor
     n = features.shape[0]
     if kind == "linear":
         return features @ features.t()
-    dist = torch.cdist(features, features)
+    # exact distances: cdist's default matrix-product shortcut (|a|^2 + |b|^2 - 2ab) leaves
+    # self-distances near 1e-3 instead of 0, which can push a true nearest neighbour out of the kNN
+    dist = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")
     if kind == "knn":
         neighbours = dist.topk(min(knn + 1, n), dim=-1, largest=False).indices[:, 1:]  # drop the sample itself
         return torch.zeros(n, n, dtype=features.dtype, device=features.device).scatter_(1, neighbours, 1.0)

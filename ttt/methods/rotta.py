@@ -174,7 +174,9 @@ class RoTTA(GradientMethod):
     required_hooks = ("augment",)
 
     def configure(self) -> None:
-        convert_to_robust_bn(self.model, self.cfg.rotta.alpha)
+        if not convert_to_robust_bn(self.model, self.cfg.rotta.alpha):
+            raise UpdateFilterError(f"rotta: model {type(self.model).__name__} has no BatchNorm layer to make robust "
+                                    "(RoTTA's robust BN is defined on BatchNorm models)")
         super().configure()
         set_robust_bn_mode(self.model, False)
         self.teacher = frozen_copy(self.model)

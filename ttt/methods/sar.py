@@ -11,12 +11,16 @@ with batch size 1 and with BN-free models. Per step:
   3. second forward at theta + e; among S1, reliable samples S2 under E0 again;
      loss2 = mean entropy on S2; if finite, ema <- 0.9 ema + 0.1 loss2 (first value: loss2);
   4. back to theta, the base optimiser steps with the gradient taken at theta + e;
-  5. model recovery: if ema < e_m, reset to the source model and optimiser, ema forgotten.
+  5. model recovery: if ema < e_m, the model goes back to the source weights and the ema is
+     forgotten; the base optimiser's momentum is kept, as both references keep it (their reset
+     reloads the SAM wrapper's state_dict, which does not hold the base SGD's momentum buffers).
+     Every other reset (episodic, domain change, a shard's start) starts the optimiser afresh.
 No sample under E0 in the first forward: no update (`all_filtered`); the reference would still
 take an SGD momentum-only step on zero gradients there. The guards apply to the whole SAM step
-(grad_clip clips the first gradient). The reference skips the top layers of ResNets / ViTs
-(`layer4`, `blocks.9-11`, the final norm); that is architecture-specific and not applied here:
-`update_filter` decides. Analysis fields: n_reliable (S1), n_loss_samples (S2), loss_ema,
+(grad_clip clips the first gradient). With `update_filter: norm_only` the parameters are the
+references' (`collect_params`): normalisation affine parameters except the top layers of a ResNet
+or ViT (`layer4`, `blocks.9-11`, the final `norm`; ttt.params.reference_norm_params); other
+filters select as for every method. Analysis fields: n_reliable (S1), n_loss_samples (S2), loss_ema,
 recovered; `stop_reason: model_recovery` on the batch that recovered.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from ttt.losses import softmax_entropy
 from ttt.methods.base import GradientMethod, StepResult
-from ttt.params import use_batch_norm_stats
+from ttt.params import reference_norm_params, restore, select_params, use_batch_norm_stats
 
 
 class SAR(GradientMethod):
@@ -41,8 +45,18 @@ class SAR(GradientMethod):
         self._reliable: torch.Tensor | None = None
         self._margin = 0.0
 
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        if self.cfg.update_filter == "norm_only":
+            return reference_norm_params(self.model, self.name)
+        return select_params(self.model, self.cfg.update_filter)
+
     def reset(self) -> None:
         super().reset()
+        self.loss_ema = None
+
+    def recover(self) -> None:
+        """SAR's model recovery: the source weights back, the base optimiser's momentum kept."""
+        restore(self.model, self.source_state)
         self.loss_ema = None
 
     def loss(self, inputs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
@@ -89,7 +103,7 @@ class SAR(GradientMethod):
 
     def after_step(self) -> None:
         if self.loss_ema is not None and self.loss_ema < self.cfg.sar.reset_constant:
-            self.reset()
+            self.recover()
             self.n_recoveries += 1
             self.batch_stats["recovered"] = True
 
