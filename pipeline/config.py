@@ -145,7 +145,7 @@ class RunConfig(_Strict):
         key = {
             "data": self.data.model_dump(),
             "model": self.model.model_dump(),
-            "ttt": self.ttt.model_dump(exclude={"log_out"}),
+            "ttt": _ttt_key(self.ttt),
             "num_shards": self.workers.num_shards,  # workers.num_shards and workers.precision, top level
             "precision": self.workers.precision,     # as the first version hashed them (old runs resume)
         }
@@ -155,6 +155,20 @@ class RunConfig(_Strict):
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.results_key(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROTOCOL_FIELDS = ("protocol", "online", "reset_every")  # ttt/protocol.py's shared fields
+
+
+def _ttt_key(ttt: TTTConfig) -> dict[str, Any]:
+    """ttt's part of the results key; the protocol fields count only when they differ from their
+    defaults, so runs written before they existed keep their config hash (and resume)."""
+    key = ttt.model_dump(exclude={"log_out"})
+    defaults = TTTConfig().model_dump(include=set(PROTOCOL_FIELDS))
+    for name in PROTOCOL_FIELDS:
+        if key[name] == defaults[name]:
+            del key[name]
+    return key
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, where: str = "--set",

@@ -18,6 +18,10 @@ RESULTS_SCHEMA = pa.schema([
     ("domain", pa.string()), ("method", pa.string()), ("prediction", pa.int64()), ("label", pa.int64()),
     ("correct", pa.bool_()), ("confidence", pa.float64()), ("entropy", pa.float64()),
     ("adapter_source", pa.string()), ("error", pa.string()),
+    # evaluation protocol and calibration (ttt/protocol.py, ttt/calibration.py): whether the method's
+    # step ran on the row's batch (False: the online protocol predicted it unadapted), the probability
+    # of the true label, and the row's Brier score sum_k (p_k - [k = label])^2
+    ("adapted", pa.bool_()), ("label_prob", pa.float64()), ("brier", pa.float64()),
 ])
 # causal-LM rows add these (multiple-choice rows also `choice_logliks`)
 LM_RESULT_SCHEMA = pa.schema([
@@ -46,6 +50,10 @@ ANALYSIS_SCHEMA = pa.schema([
     ("n_reliable", pa.int64()), ("n_filtered_redundant", pa.int64()), ("n_filtered_plpd", pa.int64()),
     ("n_loss_samples", pa.int64()), ("sample_weight_mean", pa.float64()), ("loss_ema", pa.float64()),
     ("recovered", pa.bool_()), ("memory_size", pa.int64()), ("n_changed", pa.int64()),
+    # protocol and cost (ttt/protocol.py, ttt/passes.py): adapted on (online), reset to the source
+    # before it (ttt.reset_every), forward / backward passes per sample, the worker's peak memory (MiB)
+    ("adapted", pa.bool_()), ("periodic_reset", pa.bool_()), ("forward_passes", pa.float64()),
+    ("backward_passes", pa.float64()), ("peak_rss_mb", pa.float64()), ("peak_gpu_mb", pa.float64()),
 ])
 
 # ttt.nn.logit_lens_top_k > 0 (causal LMs): one row per (query, stage, layer, rank)

@@ -68,6 +68,11 @@ class Method:
         self.cfg = cfg
         self.services = services or {}
         self.predict_from = cfg.predict_from or self.default_predict_from
+        # protocol state the stream keeps on the method, so a checkpoint carries it (ttt/protocol.py):
+        # adapted batches since the last reset (ttt.reset_every) and batches the online protocol
+        # still has to let pass before the method is free again (ttt.protocol: online)
+        self.batches_since_reset = 0
+        self.online_delay = 0
         self.configure()
         self.source_state = self.snapshot_source()
         self.reseed()
@@ -92,6 +97,23 @@ class Method:
         """Back to the source model (episodic resets, domain shifts, collapse, a restarted shard)."""
         restore(self.model, self.source_state)
         self.reseed()
+        self.batches_since_reset = 0
+
+    def predict_only(self, inputs: torch.Tensor) -> StepResult:
+        """The current model's prediction of a batch, with no update (a batch the online protocol
+        does not adapt on, and the probes): `predict_after_update` for gradient methods, a plain
+        forward for the rest (LAME's Laplacian is part of its step: a skipped batch gets none)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = self.current_prediction(inputs)
+        record = {"steps": 0, "stop_reason": "online_skipped", "updated_param_count": 0,
+                  "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0}
+        if logits.dim() == 2:
+            record.update(class_distribution(logits))
+        return StepResult(logits.detach(), record)
+
+    def current_prediction(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.adapter.forward(inputs)
 
     def step(self, inputs: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
@@ -228,6 +250,9 @@ class GradientMethod(Method):
     def predict_after_update(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inputs)
+
+    def current_prediction(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.predict_after_update(inputs)
 
     def diversity_weight(self, class_entropy: float) -> float:
         g = self.cfg.guards
