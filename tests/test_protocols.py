@@ -143,3 +143,40 @@ def test_result_rows_carry_calibration_inputs_and_passes(small_default):
 def test_bad_online_config_fails_validation(bad):
     with pytest.raises(ValueError):
         TTTConfig(method="tent", protocol="online", online=bad)
+
+
+def test_summary_calibration_and_costs_equal_the_whole_table(tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+
+    from pipeline.job.outputs import summarise_run
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "analysis").mkdir()
+    frames = []
+    for part in range(3):
+        k = 40
+        df = pd.DataFrame({"sample_id": [f"{part}-{i}" for i in range(k)], "domain": rng.choice(["fog", "snow"], size=k),
+                           "correct": rng.random(k) > 0.4, "error": [None] * k, "confidence": rng.random(k),
+                           "label_prob": rng.random(k), "brier": rng.random(k) * 2, "adapted": rng.random(k) > 0.5})
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "results" / f"part-{part}.parquet")
+        frames.append(df)
+        ana = pd.DataFrame({"worker": ["w0", "w1"], "sample_ids": [[f"{part}-{i}" for i in range(10)]] * 2,
+                            "timing_fine_tuning": [0.5, 1.5], "timing_total": [1.0, 2.0], "forward_passes": [1.0, 3.0],
+                            "backward_passes": [0.0, 1.0], "peak_rss_mb": [100.0 + part, 200.0],
+                            "peak_gpu_mb": [None, None], "periodic_reset": [part == 1, False]})
+        pq.write_table(pa.Table.from_pandas(ana, preserve_index=False), tmp_path / "analysis" / f"part-{part}.parquet")
+    whole = pd.concat(frames, ignore_index=True)
+    got = summarise_run(tmp_path)
+    assert math.isclose(got["overall"]["ece"], ece(whole["confidence"], whole["correct"]), rel_tol=1e-12)
+    assert math.isclose(got["overall"]["nll"], float(np.mean(-np.log(whole["label_prob"]))), rel_tol=1e-12)
+    assert math.isclose(got["overall"]["brier"], float(whole["brier"].mean()), rel_tol=1e-12)
+    for domain, group in whole.groupby("domain"):
+        assert math.isclose(got["per_domain"][domain]["ece"], ece(group["confidence"], group["correct"]), rel_tol=1e-12)
+    cost = got["cost"]
+    assert cost["samples"] == 60 and math.isclose(cost["adapt_s_per_sample"], 6.0 / 60)
+    assert math.isclose(cost["forward_passes_per_sample"], 2.0) and math.isclose(cost["backward_passes_per_sample"], 0.5)
+    assert cost["peak_memory_mb"] == {"w0": {"rss_mb": 102.0, "gpu_mb": None}, "w1": {"rss_mb": 200.0, "gpu_mb": None}}
+    assert got["protocol"]["periodic_resets"] == 1
+    assert math.isclose(got["protocol"]["adapted_fraction"], whole["adapted"].mean())
