@@ -93,7 +93,7 @@ def test_imbalanced_label_counts_follow_the_ratio():
 
 def test_imbalanced_manifest_command(tmp_path):
     root = tmp_path / "c"
-    _write_cifar_c(root, n=100)
+    _write_cifar_c(root, n=500)  # 5 severity blocks of 100: 10 per class
     out = tmp_path / "imb.parquet"
     assert manifest_main(["cifar-c", str(root), "--out", str(out), "--corruptions", "fog,snow",
                           "--setting", "imbalanced", "--imbalance-ratio", "5"]) == 0
