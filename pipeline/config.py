@@ -128,6 +128,20 @@ class KBConfig(_Strict):
         return self
 
 
+class ProbeConfig(_Strict):
+    """Forgetting / transfer probes (pipeline/job/probes.py): every `every` committed chunks of a shard
+    (and at its end) its adaptation state is scored without adapting, by a probe actor, on the first
+    `clean_n` rows of the `clean` manifest and `per_domain` rows of every domain of the run's manifest."""
+
+    every: int = Field(0, ge=0)  # committed chunks between probes; 0 = off
+    clean: str | None = None  # manifest of clean source rows (None = no clean probe set)
+    clean_n: int = Field(1000, ge=1)
+    per_domain: int = Field(200, ge=0)  # 0 = no domain probe sets
+    seed: int = 0  # which rows of each domain
+    num_cpus: float = Field(0.0, ge=0.0)  # the probe actor's CPUs (0: it shares the workers' CPUs)
+    threads: int = Field(1, ge=1)
+
+
 class RunConfig(_Strict):
     experiment: str = "default"
     tag: str | None = None
@@ -138,6 +152,7 @@ class RunConfig(_Strict):
     ttt: TTTConfig = TTTConfig()
     workers: WorkerConfig = WorkerConfig()
     kb: KBConfig = KBConfig()  # used by method nn only
+    probes: ProbeConfig = ProbeConfig()  # do not change the results (not in the config hash)
 
     def results_key(self) -> dict[str, Any]:
         """What fixes the results: data, model, method, shard count and precision (not the other

@@ -64,6 +64,14 @@ LENS_SCHEMA = pa.schema([
     ("target_prob", pa.float64()),
 ])
 
+# probes (workers/probe.py, pipeline/job/probes.py): one row per (shard, committed state, probe set);
+# position = rows of the shard consumed when the state was committed (0 = the source model)
+PROBES_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("chunk", pa.int64()), ("position", pa.int64()),
+    ("batch_index", pa.int64()), ("probe_set", pa.string()), ("n", pa.int64()), ("error", pa.float64()),
+    ("ece", pa.float64()), ("nll", pa.float64()), ("brier", pa.float64()), ("seconds", pa.float64()),
+])
+
 ANALYSIS_FIELDS: tuple[str, ...] = tuple(ANALYSIS_SCHEMA.names)
 
 

@@ -91,11 +91,12 @@ class StreamState:
 def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run_id: str, shard: int,
                   worker: str, first_position: int = 0, start: StreamState | None = None,
                   checkpoint_every: int | None = None, precision: str = "fp32",
-                  on_batch: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+                  on_batch: Callable[[int], None] | None = None, final_state: bool = False) -> Iterator[dict[str, Any]]:
     """Run `method` over `rows` (one shard's rows from `start.offset` on, in order) and yield a chunk
     every `checkpoint_every` batches and at the end: {"results", "analysis", "lens", "state"} where
     `state` is the StreamState after the chunk's last batch. Starting from a chunk's state gives
-    the rows an uninterrupted stream gives, bit for bit."""
+    the rows an uninterrupted stream gives, bit for bit. `final_state`: the last chunk also carries
+    the end-of-stream method state under `final_method_state` (for the probes)."""
     cfg = method.cfg
     state = start or StreamState()
     method.reset()
@@ -140,6 +141,8 @@ def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, 
             yield out
             out, batches_in_chunk = _empty_chunk(), 0
     out["state"] = StreamState(offset, batch_index, prev_domain, None)
+    if final_state:  # the end-of-stream state, for the probes (the last chunk commits none)
+        out["final_method_state"] = capture_method(method)
     out["results"].sort(key=lambda r: r["position"])
     yield out
 
