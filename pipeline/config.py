@@ -142,6 +142,20 @@ class KBConfig(_Strict):
         return self
 
 
+class ProbeConfig(_Strict):
+    """Forgetting / transfer probes (pipeline/job/probes.py): every `every` committed chunks of a shard
+    (and at its end) its adaptation state is scored without adapting, by a probe actor, on the first
+    `clean_n` rows of the `clean` manifest and `per_domain` rows of every domain of the run's manifest."""
+
+    every: int = Field(0, ge=0)  # committed chunks between probes; 0 = off
+    clean: str | None = None  # manifest of clean source rows (None = no clean probe set)
+    clean_n: int = Field(1000, ge=1)
+    per_domain: int = Field(200, ge=0)  # 0 = no domain probe sets
+    seed: int = 0  # which rows of each domain
+    num_cpus: float = Field(0.0, ge=0.0)  # the probe actor's CPUs (0: it shares the workers' CPUs)
+    threads: int = Field(1, ge=1)
+
+
 class RunConfig(_Strict):
     experiment: str = "default"
     tag: str | None = None
@@ -152,6 +166,7 @@ class RunConfig(_Strict):
     ttt: TTTConfig = TTTConfig()
     workers: WorkerConfig = WorkerConfig()
     kb: KBConfig = KBConfig()  # used by method nn only
+    probes: ProbeConfig = ProbeConfig()  # do not change the results (not in the config hash)
 
     def results_key(self) -> dict[str, Any]:
         """What fixes the results: data, model, method, shard count and precision (not the other
@@ -159,9 +174,9 @@ class RunConfig(_Strict):
         key = {
             "data": self.data.model_dump(),
             "model": self.model.model_dump(),
-            # the blocks of the methods added with issue 25 count only for their own method, so
-            # adding them left every earlier run's hash (and its resume) unchanged
-            "ttt": self.ttt.model_dump(exclude={"log_out"} | (LATER_METHOD_BLOCKS - {self.ttt.method})),
+            # the blocks of the methods added with issue 25 count only for their own method, and the
+            # protocol fields only off their defaults, so earlier runs keep their hash (and resume)
+            "ttt": _ttt_key(self.ttt),
             "num_shards": self.workers.num_shards,  # workers.num_shards and workers.precision, top level
             "precision": self.workers.precision,     # as the first version hashed them (old runs resume)
         }
@@ -171,6 +186,20 @@ class RunConfig(_Strict):
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.results_key(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROTOCOL_FIELDS = ("protocol", "online", "reset_every")  # ttt/protocol.py's shared fields
+
+
+def _ttt_key(ttt: TTTConfig) -> dict[str, Any]:
+    """ttt's part of the results key; the protocol fields count only when they differ from their
+    defaults, so runs written before they existed keep their config hash (and resume)."""
+    key = ttt.model_dump(exclude={"log_out"} | (LATER_METHOD_BLOCKS - {ttt.method}))
+    defaults = TTTConfig().model_dump(include=set(PROTOCOL_FIELDS))
+    for name in PROTOCOL_FIELDS:
+        if key[name] == defaults[name]:
+            del key[name]
+    return key
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, where: str = "--set",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt.augment import adjust_brightness, adjust_gamma, color_jitter, cotta_augment, random_hflip
-from ttt.methods.base import augmented_view
+from ttt.methods.parts import augmented_view
 from workers.adapters import ImageClassifierAdapter
 
 torch.set_num_threads(1)

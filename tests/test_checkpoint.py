@@ -49,7 +49,7 @@ def _stream(small_default, method_name, rows, *, start=None, every=1):
 
 def _comparable(chunks):
     results = [r for c in chunks for r in c["results"]]
-    analysis = [{k: v for k, v in a.items() if not k.startswith("timing_")} for c in chunks for a in c["analysis"]]
+    analysis = [{k: v for k, v in a.items() if not k.startswith(("timing_", "peak_"))} for c in chunks for a in c["analysis"]]
     return results, analysis
 
 

@@ -12,7 +12,8 @@ from ttt import TTTConfig, build_method
 from ttt.augment import cotta_augment, patch_mask, random_affine
 from ttt.losses import masked_mse
 from ttt.methods import MissingHookError
-from ttt.methods.base import augmented_view, seeded_generator
+from ttt.methods.base import seeded_generator
+from ttt.methods.parts import augmented_view
 from ttt.methods.tent import Tent
 from ttt.params import UpdateFilterError, snapshot, use_batch_norm_stats
 from workers.adapters import ImageClassifierAdapter

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ttt.protocol import OnlineConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -292,3 +294,7 @@ class TTTConfig(_Strict):
     ttt: RotationTTTConfig = RotationTTTConfig()
     guards: GuardConfig = GuardConfig()
     nn: NNConfig = NNConfig()
+    # -- evaluation protocol (ttt/protocol.py): shared by every method, not a method's knob --
+    protocol: Literal["offline", "online"] = "offline"  # online: batches that arrive mid-step are not adapted on
+    online: OnlineConfig = OnlineConfig()  # eta and the cost table of protocol: online
+    reset_every: int | None = Field(None, ge=1)  # RDumb: back to the source model every N adapted batches

@@ -18,6 +18,10 @@ RESULTS_SCHEMA = pa.schema([
     ("domain", pa.string()), ("method", pa.string()), ("prediction", pa.int64()), ("label", pa.int64()),
     ("correct", pa.bool_()), ("confidence", pa.float64()), ("entropy", pa.float64()),
     ("adapter_source", pa.string()), ("error", pa.string()),
+    # evaluation protocol and calibration (ttt/protocol.py, ttt/calibration.py): whether the method's
+    # step ran on the row's batch (False: the online protocol predicted it unadapted), the probability
+    # of the true label, and the row's Brier score sum_k (p_k - [k = label])^2
+    ("adapted", pa.bool_()), ("label_prob", pa.float64()), ("brier", pa.float64()),
 ])
 # causal-LM rows add these (multiple-choice rows also `choice_logliks`)
 LM_RESULT_SCHEMA = pa.schema([
@@ -55,6 +59,10 @@ ANALYSIS_SCHEMA = pa.schema([
     ("loss_contrastive", pa.float64()), ("loss_source", pa.float64()), ("teacher_agreement", pa.float64()),
     ("n_refined", pa.int64()), ("support_size", pa.int64()), ("kalman_beta", pa.float64()),
     ("marginal_entropy", pa.float64()), ("rotation_accuracy", pa.float64()),
+    # protocol and cost (ttt/protocol.py, ttt/passes.py): adapted on (online), reset to the source
+    # before it (ttt.reset_every), forward / backward passes per sample, the worker's peak memory (MiB)
+    ("adapted", pa.bool_()), ("periodic_reset", pa.bool_()), ("forward_passes", pa.float64()),
+    ("backward_passes", pa.float64()), ("peak_rss_mb", pa.float64()), ("peak_gpu_mb", pa.float64()),
 ])
 
 # ttt.nn.logit_lens_top_k > 0 (causal LMs): one row per (query, stage, layer, rank)
@@ -63,6 +71,14 @@ LENS_SCHEMA = pa.schema([
     ("stage", pa.string()), ("layer", pa.int32()), ("position", pa.int64()), ("rank", pa.int32()),
     ("token_id", pa.int64()), ("token", pa.string()), ("prob", pa.float64()), ("entropy", pa.float64()),
     ("target_prob", pa.float64()),
+])
+
+# probes (workers/probe.py, pipeline/job/probes.py): one row per (shard, committed state, probe set);
+# position = rows of the shard consumed when the state was committed (0 = the source model)
+PROBES_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("chunk", pa.int64()), ("position", pa.int64()),
+    ("batch_index", pa.int64()), ("probe_set", pa.string()), ("n", pa.int64()), ("error", pa.float64()),
+    ("ece", pa.float64()), ("nll", pa.float64()), ("brier", pa.float64()), ("seconds", pa.float64()),
 ])
 
 ANALYSIS_FIELDS: tuple[str, ...] = tuple(ANALYSIS_SCHEMA.names)

@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
+from ttt.calibration import row_scores
 from ttt.checkpoint import capture as capture_method
 from ttt.checkpoint import restore as restore_method
+from ttt.passes import counter_for, peak_memory_mb
+from ttt.protocol import busy_batches, method_cost, passes_cost
 from ttt.record import new_record
 from workers.adapters import parse_label
 
@@ -88,14 +91,16 @@ class StreamState:
 def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run_id: str, shard: int,
                   worker: str, first_position: int = 0, start: StreamState | None = None,
                   checkpoint_every: int | None = None, precision: str = "fp32",
-                  on_batch: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+                  on_batch: Callable[[int], None] | None = None, final_state: bool = False) -> Iterator[dict[str, Any]]:
     """Run `method` over `rows` (one shard's rows from `start.offset` on, in order) and yield a chunk
     every `checkpoint_every` batches and at the end: {"results", "analysis", "lens", "state"} where
     `state` is the StreamState after the chunk's last batch. Starting from a chunk's state gives
-    the rows an uninterrupted stream gives, bit for bit."""
+    the rows an uninterrupted stream gives, bit for bit. `final_state`: the last chunk also carries
+    the end-of-stream method state under `final_method_state` (for the probes)."""
     cfg = method.cfg
     state = start or StreamState()
     method.reset()
+    method.online_delay = 0  # the online protocol's clock starts with the shard (a checkpoint restores it)
     if precision == "fp16" and hasattr(method, "use_loss_scaling"):
         method.use_loss_scaling()
     if state.method_state is not None:
@@ -136,6 +141,8 @@ def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, 
             yield out
             out, batches_in_chunk = _empty_chunk(), 0
     out["state"] = StreamState(offset, batch_index, prev_domain, None)
+    if final_state:  # the end-of-stream state, for the probes (the last chunk commits none)
+        out["final_method_state"] = capture_method(method)
     out["results"].sort(key=lambda r: r["position"])
     yield out
 
@@ -155,15 +162,23 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
     batch = next(iter(adapter.build_loader(chunk, batch_size=len(chunk))))
     out["results"] += [result_row(r, position=positions[id(r)], error=err, **common) for r, err in batch.errors]
     if batch.records:
+        adapt, periodic = _protocol_before(method)
+        counter = counter_for(method)
+        passes_before = counter.snapshot()
+        step = None
         try:
             with autocast(precision, batch.inputs):
-                step = method.step(batch.inputs)
+                step = method.step(batch.inputs) if adapt else method.predict_only(batch.inputs)
             preds = adapter.predict(batch, step.logits.float())
         except Exception as exc:  # a batch that cannot be processed becomes error rows
+            step = None
             method.reset()
             msg = f"{type(exc).__name__}: {exc}"
             out["results"] += [result_row(r, position=positions[id(r)], error=msg, **common) for r in batch.records]
-        else:
+        passes = [(a - b) / len(batch.records) for a, b in zip(counter.snapshot(), passes_before)]
+        _protocol_after(method, adapt, passes)
+        if step is not None:
+            preds = _with_protocol_fields(preds, step.logits, batch.records, adapt)
             source = step.record.pop("adapter_source", "none")
             for row in step.record.pop("logit_lens", None) or []:
                 sample_id = str(batch.records[row.pop("sample_index")]["sample_id"])
@@ -174,13 +189,54 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
                 out["results"].append(result_row(r, position=positions[id(r)], prediction=None if bad else p,
                                                  error=bad, adapter_source=source, **common))
             rec = new_record(**step.record)
+            rss_mb, gpu_mb = peak_memory_mb()
             rec.update(run_id=common["run_id"], shard=common["shard"], batch_index=batch_index, worker=worker,
                        domain=domain, sample_ids=[str(r["sample_id"]) for r in batch.records],
-                       timing_wait_input=wait, timing_total=time.perf_counter() - t0)
+                       timing_wait_input=wait, timing_total=time.perf_counter() - t0,
+                       adapted=adapt, periodic_reset=periodic, forward_passes=passes[0], backward_passes=passes[1],
+                       peak_rss_mb=rss_mb, peak_gpu_mb=gpu_mb)
             out["analysis"].append(rec)
         if cfg.episodic:
             method.reset()
     return domain
+
+
+def _protocol_before(method: Any) -> tuple[bool, bool]:
+    """(adapt on this batch?, reset to the source first?): the online protocol lets the batches that
+    arrive during the last adapted batch's step pass unadapted; `ttt.reset_every` resets after N
+    adapted batches (RDumb). ttt/protocol.py."""
+    cfg = method.cfg
+    adapt = cfg.protocol != "online" or getattr(method, "online_delay", 0) <= 0
+    periodic = bool(adapt and cfg.reset_every and method.batches_since_reset >= cfg.reset_every)
+    if periodic:
+        method.reset()
+    return adapt, periodic
+
+
+def _protocol_after(method: Any, adapted: bool, passes: list[float]) -> None:
+    cfg = method.cfg
+    if adapted:
+        method.batches_since_reset = getattr(method, "batches_since_reset", 0) + 1
+    if cfg.protocol != "online":
+        return
+    if not adapted:
+        method.online_delay -= 1
+        return
+    cost = passes_cost(passes[0], passes[1], 1) if cfg.online.cost == "passes" else method_cost(cfg.online, cfg.method)
+    method.online_delay = busy_batches(cost, cfg.online.eta)
+
+
+def _with_protocol_fields(preds: list[dict[str, Any]], logits: torch.Tensor, records: list[dict[str, Any]],
+                          adapted: bool) -> list[dict[str, Any]]:
+    """Each prediction row plus `adapted` and, for class scores, the calibration inputs
+    `label_prob` and `brier` (ttt/calibration.py)."""
+    extra: list[dict[str, Any]] = [{"adapted": adapted} for _ in preds]
+    if logits.dim() == 2 and logits.shape[0] == len(preds):
+        probs = logits.detach().float().softmax(1).cpu().numpy()
+        label_prob, briers = row_scores(probs, [_label(r) for r in records])
+        for e, lp, b in zip(extra, label_prob, briers):
+            e.update(label_prob=lp, brier=b)
+    return [{**p, **e} for p, e in zip(preds, extra)]
 
 
 def autocast(precision: str, inputs: Any) -> contextlib.AbstractContextManager:

@@ -152,13 +152,14 @@ class TTTWorker:
         chunks = stream_chunks(self.adapter, self.method, rows, run_id=self.run_id, shard=shard, worker=self.name,
                                first_position=task["first_position"], start=start,
                                checkpoint_every=task["checkpoint_every"], precision=task.get("precision", "fp32"),
-                               on_batch=self._advance)
+                               on_batch=self._advance, final_state=task.get("final_state", False))
         for chunk in chunks:
             st = chunk.pop("state")
             timeline["first_batch"] = self._progress.get("first_batch_at")
             chunk.update(shard=shard, offset=st.offset, batch_index=st.batch_index, prev_domain=st.prev_domain,
                          done=st.method_state is None, method_state=_to_bytes(st.method_state), node=self.node,
-                         timeline=timeline, memory=peak_memory(self.name, self.device))
+                         timeline=timeline, memory=peak_memory(self.name, self.device),
+                         final_state=_to_bytes(chunk.pop("final_method_state", None)))
             yield chunk
 
 

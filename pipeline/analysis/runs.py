@@ -32,13 +32,13 @@ from pipeline.job.outputs import write_json
 # re-exported so a notebook finds every run-registry helper in one module.
 from pipeline.job.provenance import git_commit, new_run_id, package_versions
 from pipeline.manifest import read_manifest_meta
-from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, RESULTS_SCHEMA
+from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, PROBES_SCHEMA, RESULTS_SCHEMA
 
 __all__ = ["RunSet", "query_runs", "run_labels", "new_run_id", "git_commit", "package_versions"]
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
-KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA, "lens": LENS_SCHEMA}
+KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA, "lens": LENS_SCHEMA, "probes": PROBES_SCHEMA}
 _MISSING = object()
 
 
@@ -149,6 +149,11 @@ class RunSet:
         """All selected runs' logit-lens rows (causal-LM nn runs with nn.logit_lens_top_k > 0):
         one row per (sample, stage before/after, layer, rank)."""
         return self._scan("lens", columns)
+
+    def probes(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All selected runs' probe rows (probes.every > 0): error / ECE of each committed state on the
+        clean set and each domain's sample, by shard and stream position (pipeline/job/probes.py)."""
+        return self._scan("probes", columns)
 
     def load(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
         """(results, analysis, run.json metadata) of one run."""

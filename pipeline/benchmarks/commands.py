@@ -64,6 +64,11 @@ def manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-domains", action="store_true", help="correlated: over all domains shuffled together")
     p.add_argument("--gradual-all-rising", action="store_true",
                    help="gradual: every corruption 1..5..1 (mariodoebler), not CoTTA's 5..1 first")
+    p.add_argument("--imbalance-ratio", type=float, default=10.0,
+                   help="imbalanced: n_max / n_min of the exponential long-tail label profile (default 10)")
+    p.add_argument("--orders", type=int, default=None,
+                   help="write N manifests <out>-order<k>.parquet, the domains in N distinct orders (the first as listed)")
+    p.add_argument("--orders-seed", type=int, default=0, help="--orders: seed of the permutations")
     return p
 
 
@@ -74,6 +79,8 @@ def setting_params(args: argparse.Namespace) -> dict[str, Any]:
         return {"delta": args.delta, "seed": args.order_seed, "slots": args.slots, "mix_domains": args.mix_domains}
     if args.setting == "gradual":
         return {"first_descending": not args.gradual_all_rising}
+    if args.setting == "imbalanced":
+        return {"ratio": args.imbalance_ratio, "seed": args.order_seed}
     return {}
 
 
@@ -90,6 +97,15 @@ def manifest_main(argv: list[str]) -> int:
         options["corruptions"] = _corruption_list(args.corruptions)
         options["severities"] = [int(s) for s in _csv(args.severities)]
     try:
+        if args.orders is not None:  # pipeline/benchmarks/orders.py
+            from pipeline.benchmarks.orders import build_order_manifests
+
+            for path, meta in build_order_manifests(args.layout, args.root, args.out, args.orders,
+                                                    order_seed=args.orders_seed, setting=args.setting,
+                                                    setting_params=setting_params(args), **options):
+                print(f"wrote {meta['rows']} rows, order {meta['order_index']}: {','.join(meta['domain_order'])} "
+                      f"to {path}", flush=True)
+            return 0
         path, meta = build_manifest(args.layout, args.root, args.out, setting=args.setting,
                                     setting_params=setting_params(args), **options)
     except (LayoutError, SettingError) as exc:

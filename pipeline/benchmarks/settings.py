@@ -26,20 +26,34 @@ References followed (read, not copied):
   class one after another, so the order approaches an i.i.d. one only when `slots` is about the
   number of samples per class; with the default slots the runs stay ~N/K^2 long.
 
+- `imbalanced`: a long-tailed test label distribution with the exponential profile of CIFAR-10/100-LT
+  (Cui et al. 2019, "Class-balanced loss", the profile Cao et al.'s LDAM and the class-imbalanced
+  test-time adaptation benchmarks take): with classes ranked by a seeded permutation, class of rank
+  i keeps n_i = floor(n_max * R^(-i / (C - 1))) of its rows in every domain (n_max the smallest
+  class's count in the domain, so every class can pay its share; R = n_max / n_min the imbalance
+  ratio), the same images in every domain, shuffled within the domain by the seed; domains in pool
+  order, no reset (continual). RoTTA's label correlation (`correlated`) orders a balanced stream;
+  this one changes the label marginal itself.
+- Domain orders (`domain_orders`, `manifest --orders N`): N distinct permutations of the domains
+  (the first is the pool's own order, the others seeded draws), each applied to the pool before a
+  continual / gradual / any setting, as CoTTA's 10 orders of its ImageNet-C experiment.
+
 The metadata goes into the Parquet file's key/value schema metadata under `ttt_pipeline.manifest`
 (JSON), written and read back by `pipeline.manifest` (`write_manifest`, `read_manifest_meta`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-SETTINGS: tuple[str, ...] = ("reset_each_shift", "continual", "gradual", "mixed_domains", "correlated")
+SETTINGS: tuple[str, ...] = ("reset_each_shift", "continual", "gradual", "mixed_domains", "correlated", "imbalanced")
 # Which value of the run config's `ttt.reset_on_domain_change` each setting is defined with.
 EXPECTS_RESET: dict[str, bool] = {
     "reset_each_shift": True, "continual": False, "gradual": False, "mixed_domains": False, "correlated": False,
+    "imbalanced": False,
 }
 POOL_COLUMNS: tuple[str, ...] = ("sample_id", "label", "domain", "corruption", "severity")
 
@@ -191,9 +205,71 @@ def correlated(pool: pa.Table, *, delta: float = 0.1, seed: int = 0, slots: int 
     return table, _meta("correlated", table, delta=delta, seed=seed, slots=slots, mix_domains=mix_domains)
 
 
+def long_tail_counts(n_max: int, n_classes: int, ratio: float) -> list[int]:
+    """The exponential long-tail profile: floor(n_max * ratio^(-i / (C - 1))) for ranks i = 0..C-1."""
+    if not np.isfinite(ratio) or ratio < 1:
+        raise SettingError(f"imbalanced: the imbalance ratio must be a finite number >= 1, got {ratio}")
+    if n_classes == 1:
+        return [n_max]
+    return [int(np.floor(n_max * ratio ** (-i / (n_classes - 1)) + 1e-9)) for i in range(n_classes)]
+
+
+def imbalanced(pool: pa.Table, *, ratio: float = 10.0, seed: int = 0) -> tuple[pa.Table, dict[str, Any]]:
+    """A long-tailed label distribution per domain (module docstring): class of rank i keeps
+    long_tail_counts(...)[i] rows, ranks a seeded permutation of the classes, rows shuffled within
+    each domain; domains in pool order."""
+    _check_pool(pool, need_labels=True)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(pool.column("label").to_numpy(zero_copy_only=False))
+    classes = np.unique(labels)
+    ranked = classes[rng.permutation(len(classes))]
+    parts: list[np.ndarray] = []
+    counts: dict[str, dict[int, int]] = {}
+    for domain, rows in domain_blocks(pool).items():
+        per_class = {int(c): rows[labels[rows] == c] for c in ranked}
+        n_max = min(len(v) for v in per_class.values())
+        if n_max == 0:
+            raise SettingError(f"imbalanced: domain {domain!r} lacks a class (every class must be present)")
+        keep = long_tail_counts(n_max, len(ranked), ratio)
+        chosen = np.concatenate([per_class[int(c)][:k] for c, k in zip(ranked, keep)])
+        parts.append(chosen[rng.permutation(len(chosen))])
+        counts[domain] = {int(c): k for c, k in zip(ranked, keep)}
+    table = _finish(pool, np.concatenate(parts))
+    meta = _meta("imbalanced", table, ratio=ratio, seed=seed)
+    meta["class_ranking"] = [int(c) for c in ranked]
+    meta["class_counts"] = next(iter(counts.values()))
+    return table, meta
+
+
+def domain_orders(domains: list[str], n: int, seed: int = 0) -> list[list[str]]:
+    """`n` distinct orders of `domains`: the given order first, then seeded random permutations
+    (redrawn until new); fails when n exceeds the number of permutations."""
+    if n < 1:
+        raise SettingError(f"orders must be >= 1, got {n}")
+    if n > math.factorial(len(domains)):
+        raise SettingError(f"{n} distinct orders of {len(domains)} domains do not exist")
+    rng = np.random.default_rng(seed)
+    orders, seen = [list(domains)], {tuple(domains)}
+    while len(orders) < n:
+        order = [domains[i] for i in rng.permutation(len(domains))]
+        if tuple(order) not in seen:
+            seen.add(tuple(order))
+            orders.append(order)
+    return orders
+
+
+def reorder_domains(pool: pa.Table, order: list[str], key: str = "domain") -> pa.Table:
+    """The pool with its blocks of `key` (domain, or corruption for gradual) in `order`."""
+    values = np.asarray(pool.column(key).to_pylist(), dtype=object)
+    missing = sorted(set(values) - set(order))
+    if missing or len(set(order)) != len(order):
+        raise SettingError(f"a domain order must list every {key} once; missing {missing}")
+    return pool.take(pa.array(np.concatenate([np.flatnonzero(values == d) for d in order]), pa.int64()))
+
+
 SETTING_FUNCTIONS = {
     "reset_each_shift": reset_each_shift, "continual": continual, "gradual": gradual,
-    "mixed_domains": mixed_domains, "correlated": correlated,
+    "mixed_domains": mixed_domains, "correlated": correlated, "imbalanced": imbalanced,
 }
 
 

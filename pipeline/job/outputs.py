@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.job.metrics import add_metrics
 from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, results_schema, to_table
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -245,7 +246,7 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
     if lm:
         out["overall"]["bits_per_byte"] = _bits_per_byte(lm_total[1], lm_total[2]) if lm_total[0] else None
     out["workers"] = worker_memory(run_dir)
-    return out
+    return add_metrics(run_dir, out)  # calibration per domain and overall, cost, protocol (pipeline/job/metrics.py)
 
 
 def worker_memory(run_dir: Path) -> list[dict[str, Any]]:

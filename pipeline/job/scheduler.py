@@ -16,6 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.job.inputs import shard_dataset
 from pipeline.job.outputs import RunFailed, append_log, commit_chunk, load_state
 from pipeline.job.pool import Pool
+from pipeline.job.probes import Probes
 from pipeline.job.progress import Progress, log
 from pipeline.job.record import Run
 
@@ -31,6 +32,7 @@ class Scheduler:
         self.cfg, self.pool, self.on_run_done = cfg, pool, on_run_done
         self.attempts: dict[tuple[str, int], int] = {}
         self.progress: Progress | None = None
+        self.probes = Probes()  # forgetting / transfer probes of committed states (probes.every > 0)
 
     def run(self, items: list[tuple[Run, int]]) -> None:
         single = len({id(run) for run, _ in items}) == 1
@@ -87,7 +89,7 @@ class Scheduler:
                 "batch_index": commit["batch_index"] if commit else 0,
                 "prev_domain": commit["prev_domain"] if commit else None,
                 "checkpoint_every": run.cfg.workers.checkpoint_every, "precision": run.cfg.workers.precision,
-                "prefetch_blocks": run.inputs_spec.prefetch_blocks}
+                "prefetch_blocks": run.inputs_spec.prefetch_blocks, "final_state": Probes.active(run)}
         dataset = shard_dataset(run.inputs_spec, start + offset, end)
         state = load_state(run.run_dir, commit)
         self.pool.serving[slot] = run.run_id
@@ -101,13 +103,16 @@ class Scheduler:
         first = (chunk.get("timeline") or {}).get("first_batch")
         if first is not None and (run.first_step_at is None or first < run.first_step_at):
             run.first_step_at, run.first_timeline = first, chunk.get("timeline")
+        first_offset = (run.commits.get(shard) or {}).get("offset", 0)
         run.commits[shard] = commit_chunk(run.run_dir, chunk, run.commits.get(shard), run.fingerprint)
+        self.probes.after_commit(run, {**chunk, "first_offset": first_offset}, run.commits[shard])
         if run.cfg.ttt.log_out:
             append_log(run.run_dir / run.cfg.ttt.log_out, chunk["analysis"])  # relative to the run dir
         self.progress.committed(self.label(run, shard), chunk["offset"], done=chunk["done"])
         if chunk["done"]:
             run.remaining.discard(shard)
             if not run.remaining:
+                self.probes.drain(run)
                 self.on_run_done(run)
 
     def _worker_died(self, slot: int, run: Run, shard: int, exc: BaseException) -> None:

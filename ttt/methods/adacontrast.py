@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ttt.augment import random_hflip
-from ttt.methods.base import GradientMethod, StepResult, augmented_view, build_optimizer, seeded_generator, split_model
+from ttt.methods.base import GradientMethod, StepResult, build_optimizer, seeded_generator
+from ttt.methods.parts import augmented_view, split_model
 from ttt.methods.ttt_rotation import set_batch_norm_training
 from ttt.params import ema_update_, frozen_copy, restore
 

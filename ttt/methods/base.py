@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ttt.augment import random_hflip
 from ttt.config import TTTConfig
 from ttt.losses import class_distribution, diversity_loss
 from ttt.params import StepCheckpoint, distance, grad_norm, param_names, restore, select_params, snapshot
@@ -68,6 +67,11 @@ class Method:
         self.cfg = cfg
         self.services = services or {}
         self.predict_from = cfg.predict_from or self.default_predict_from
+        # protocol state the stream keeps on the method, so a checkpoint carries it (ttt/protocol.py):
+        # adapted batches since the last reset (ttt.reset_every) and batches the online protocol
+        # still has to let pass before the method is free again (ttt.protocol: online)
+        self.batches_since_reset = 0
+        self.online_delay = 0
         self.configure()
         self.source_state = self.snapshot_source()
         self.reseed()
@@ -92,6 +96,23 @@ class Method:
         """Back to the source model (episodic resets, domain shifts, collapse, a restarted shard)."""
         restore(self.model, self.source_state)
         self.reseed()
+        self.batches_since_reset = 0
+
+    def predict_only(self, inputs: torch.Tensor) -> StepResult:
+        """The current model's prediction of a batch, with no update (a batch the online protocol
+        does not adapt on, and the probes): `predict_after_update` for gradient methods, a plain
+        forward for the rest (LAME's Laplacian is part of its step: a skipped batch gets none)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = self.current_prediction(inputs)
+        record = {"steps": 0, "stop_reason": "online_skipped", "updated_param_count": 0,
+                  "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0}
+        if logits.dim() == 2:
+            record.update(class_distribution(logits))
+        return StepResult(logits.detach(), record)
+
+    def current_prediction(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.adapter.forward(inputs)
 
     def step(self, inputs: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
@@ -104,14 +125,6 @@ class Method:
         return StepResult(logits, record)
 
 
-def augmented_view(adapter: Any, inputs: torch.Tensor, generator: torch.Generator, flips: bool) -> torch.Tensor:
-    """One augmented copy of the batch through the adapter's `augment` hook (CoTTA's transforms,
-    one parameter set per copy), horizontally flipped with probability 0.5 when `flips` is on:
-    the hook has no flip switch, so the method's config decides (ttt.augment's docstring)."""
-    view = adapter.augment(inputs, generator)
-    return random_hflip(view, generator) if flips else view
-
-
 def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig, nesterov: bool = False) -> torch.optim.Optimizer:
     """Adam (beta1 = cfg.momentum) or SGD; `nesterov` (SGD with momentum only) for the methods whose
     reference uses it (AdaContrast, MEMO: mariodoebler's OPTIM.NESTEROV)."""
@@ -119,21 +132,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig, nesterov: bool =
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=nesterov and cfg.momentum > 0)
-
-
-def split_model(adapter: Any, model: nn.Module | None = None) -> tuple[Any, nn.Linear]:
-    """(features, classifier) of a model for the methods that need both (T3A, SHOT-IM, RMT, SANTA,
-    AdaContrast): `features(x)` is the adapter's `embed` hook flattened, `classifier` the final
-    linear layer it feeds (the adapter's `classifier` hook). With `model` (a copy of the adapter's,
-    e.g. a teacher), the same two taken from that copy: its `embed` and its layer at the same name."""
-    head = adapter.classifier()
-    if model is None or model is adapter.get_model():
-        return (lambda x: adapter.embed(x).flatten(1)), head
-    names = {id(m): n for n, m in adapter.get_model().named_modules()}
-    if id(head) not in names:
-        raise ValueError("the classifier hook's layer is not a submodule of the model")
-    copy_head = model.get_submodule(names[id(head)])
-    return (lambda x: model.embed(x).flatten(1)), copy_head
 
 
 class GradientMethod(Method):
@@ -252,6 +250,9 @@ class GradientMethod(Method):
     def predict_after_update(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inputs)
+
+    def current_prediction(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.predict_after_update(inputs)
 
     def diversity_weight(self, class_entropy: float) -> float:
         g = self.cfg.guards

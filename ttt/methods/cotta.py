@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from ttt.losses import soft_cross_entropy
-from ttt.methods.base import GradientMethod, augmented_view, seeded_generator
+from ttt.methods.base import GradientMethod, seeded_generator
+from ttt.methods.parts import augmented_view
 from ttt.params import ema_update_, frozen_copy, restore, stochastic_restore_, use_batch_norm_stats
 
 

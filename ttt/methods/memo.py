@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from ttt.losses import class_distribution
-from ttt.methods.base import GradientMethod, StepResult, augmented_view, build_optimizer, seeded_generator
+from ttt.methods.base import GradientMethod, StepResult, build_optimizer, seeded_generator
 from ttt.methods.bn_alpha import AlphaBN, convert_to_alpha_bn
+from ttt.methods.parts import augmented_view
 from ttt.params import UpdateFilterError, select_params
 
 

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt.methods.base import GradientMethod, augmented_view, build_optimizer, seeded_generator, split_model
+from ttt.methods.base import GradientMethod, build_optimizer, seeded_generator
+from ttt.methods.parts import augmented_view, split_model
 from ttt.methods.roid import symmetric_cross_entropy
 from ttt.params import ema_update_, frozen_copy, restore, snapshot, use_batch_norm_stats
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ttt.losses import softmax_entropy
-from ttt.methods.base import GradientMethod, augmented_view, seeded_generator
+from ttt.methods.base import GradientMethod, seeded_generator
+from ttt.methods.parts import augmented_view
 from ttt.params import ema_update_, use_batch_norm_stats
 
 

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ttt.losses import class_distribution, soft_cross_entropy
-from ttt.methods.base import GradientMethod, StepResult, augmented_view, seeded_generator
+from ttt.methods.base import GradientMethod, StepResult, seeded_generator
+from ttt.methods.parts import augmented_view
 from ttt.params import UpdateFilterError, ema_update_, frozen_copy, restore, select_params
 
 

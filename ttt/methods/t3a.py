@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ttt.losses import class_distribution, softmax_entropy
-from ttt.methods.base import Method, StepResult, split_model
+from ttt.methods.base import Method, StepResult
+from ttt.methods.parts import split_model
 
 
 def select_supports(entropy: torch.Tensor, labels: torch.Tensor, n_classes: int, filter_k: int) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""The issue-24 benchmark on Fashion-MNIST-C: methods x {continual offline, continual online (eta 1),
+mixed, correlated}, error with 95% Wilson intervals (and the spread over domain orders where
+`--orders` > 1), ECE, clean-data error at the end of the stream (the probes), worker seconds,
+adapted share, passes per sample, peak RSS. All cells run as one job over one worker pool
+(pipeline.job.runner.run_jobs). Needs `python -m pipeline build-fmnistc --per-domain N` first.
+
+  RAY_AUTH_MODE=disabled .venv/bin/python bench/fmnistc_protocols.py --build .cache/fmnistc/n2000-sev5-seed0 \
+      --per-domain 1000 --methods source,norm,tent,eata,sar,rotta,lame,roid --orders 3 --order-methods norm,tent
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pipeline.benchmarks.layouts import BENCHMARK_CORRUPTIONS, build_manifest  # noqa: E402
+from pipeline.benchmarks.orders import build_order_manifests  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+SETTINGS = {"continual": ("continual", {}), "online": ("continual", {}), "mixed": ("mixed_domains", {"seed": 0}),
+            "correlated": ("correlated", {"delta": 0.1, "seed": 0})}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def manifests(build: Path, per_domain: int, orders: int, out: Path) -> dict[str, list[Path]]:
+    opts = {"corruptions": list(BENCHMARK_CORRUPTIONS), "severities": [5], "per_domain": per_domain}
+    got: dict[str, list[Path]] = {}
+    for name, (setting, params) in SETTINGS.items():
+        if name == "online":
+            continue
+        path, _ = build_manifest("cifar-c", build / "c", out / f"{name}.parquet", setting=setting,
+                                 setting_params=params, **opts)
+        got[name] = [path]
+    if orders > 1:
+        got["continual_orders"] = [p for p, _ in build_order_manifests("cifar-c", build / "c", out / "continual.parquet",
+                                                                      orders, order_seed=0, **opts)][1:]
+    got["online"] = got["continual"]
+    return got
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--build", default=".cache/fmnistc/n2000-sev5-seed0")
+    p.add_argument("--checkpoint", default=".cache/models/fashion_resnet8w8-v1-seed0-e3.pt")
+    p.add_argument("--per-domain", type=int, default=1000)
+    p.add_argument("--methods", default="source,norm,tent,eata,sar,rotta,lame,roid")
+    p.add_argument("--settings", default="continual,online,mixed,correlated")
+    p.add_argument("--orders", type=int, default=1, help="continual: this many domain orders (the first = listed)")
+    p.add_argument("--order-methods", default="norm,tent", help="methods run on every order")
+    p.add_argument("--probe-method", default="tent", help="continual offline of this method runs with probes too")
+    p.add_argument("--out", default="runs/bench-fmnistc")
+    p.add_argument("--eta", type=float, default=1.0)
+    args = p.parse_args()
+    build, out = Path(args.build), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = manifests(build, args.per_domain, args.orders, out / "manifests")
+    cells = []  # (label dict, config)
+    base = [f"model.checkpoint={args.checkpoint}", f"output_root={out}", "workers.num_shards=1", "workers.num_cpus=1",
+            "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",
+            "probes.clean_n=1000", "probes.per_domain=100", f"ttt.eata.fisher_data={build / 'train.npz'}"]
+    stamp = time.strftime("%H%M%S")
+    for method in args.methods.split(","):
+        for setting in args.settings.split(","):
+            paths = files[setting] + (files.get("continual_orders", []) if setting == "continual"
+                                      and method in args.order_methods.split(",") else [])
+            for k, path in enumerate(paths):
+                extra = ["ttt.protocol=online", f"ttt.online.eta={args.eta}"] if setting == "online" else []
+                probe = method == args.probe_method and setting == "continual" and k == 0
+                for probed in ([False, True] if probe else [False]):
+                    run_id = f"{stamp}-{method}-{setting}-o{k}" + ("-probes" if probed else "")
+                    cfg = load_config(f"configs/fmnistc_{method}.yaml", base + extra + [
+                        f"data.manifest={path}", f"run_id={run_id}", f"probes.every={1 if probed else 0}"])
+                    cells.append(({"method": method, "setting": setting, "order": k, "probes": probed}, cfg))
+    from pipeline.job.runner import run_jobs
+
+    t0 = time.perf_counter()
+    dirs = run_jobs([c for _, c in cells])
+    print(f"{len(cells)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for (label, _), run_dir in zip(cells, dirs):
+        s = json.loads((run_dir / "summary.json").read_text())
+        o, cost = s["overall"], s.get("cost") or {}
+        wrong = round(o["error"] * o["scored"])
+        lo, hi = wilson(wrong, o["scored"])
+        row = {**label, "n": o["scored"], "error": o["error"], "lo": lo, "hi": hi, "ece": o.get("ece"),
+               "nll": o.get("nll"), "brier": o.get("brier"), "worker_s": cost.get("worker_s"),
+               "adapt_s_per_1k": 1000 * (cost.get("adapt_s_per_sample") or 0), "fwd": cost.get("forward_passes_per_sample"),
+               "bwd": cost.get("backward_passes_per_sample"),
+               "rss_mb": max([v["rss_mb"] or 0 for v in (cost.get("peak_memory_mb") or {}).values()] or [0]),
+               "adapted": s["protocol"]["adapted_fraction"], "samples_per_s": s["throughput"]["samples_per_s"]}
+        probes_dir = run_dir / "probes"
+        if probes_dir.is_dir():
+            pr = pd.read_parquet(probes_dir)
+            end = pr[pr["position"] == pr["position"].max()]
+            row["clean_error_end"] = float(end.loc[end["probe_set"] == "clean", "error"].iloc[0])
+            row["clean_error_start"] = float(pr.loc[(pr["position"] == 0) & (pr["probe_set"] == "clean"), "error"].iloc[0])
+            pr.to_csv(out / f"probes-{label['method']}.csv", index=False)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "table.csv", index=False)
+    pd.set_option("display.width", 250)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
