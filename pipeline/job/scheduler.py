@@ -18,6 +18,7 @@ from pipeline.job.outputs import RunFailed, append_log, commit_chunk, load_state
 from pipeline.job.pool import Pool
 from pipeline.job.progress import Progress, log
 from pipeline.job.record import Run
+from pipeline.job.signals import critical
 
 WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
 CHUNKS_AHEAD = 2  # uncommitted chunks a worker may stream ahead of the driver
@@ -67,7 +68,8 @@ class Scheduler:
                         idle.append(slot)
                     continue
                 running[gen] = (slot, run, shard)
-                self._commit(slot, run, chunk)
+                with critical():  # a signal waits for the commit (and a finished run's summary)
+                    self._commit(slot, run, chunk)
                 last_change = time.monotonic()
             if self.progress.poll(self.pool, {g: (slot, label(r, s)) for g, (slot, r, s) in running.items()}):
                 last_change = time.monotonic()
