@@ -252,3 +252,16 @@ def test_a_full_disk_before_the_first_commit_is_the_mid_run_line(small_default, 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "no space left writing" in errors[0] and "rerun with the same run_id to resume" in errors[0]
+
+
+@pytest.mark.parametrize("shape", [[3, 28, 28], [1, 12, 12]])
+def test_an_image_shape_the_model_does_not_take_is_refused_at_start(small_default, tmp_path, shape):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.job.checks import prepare
+
+    cfg = load_config(CONFIG, [f"data.manifest={small_default['manifest']}", f"output_root={tmp_path}",
+                               f"model.checkpoint={small_default['checkpoint']}", f"model.image_shape={shape}"])
+    with pytest.raises(ConfigError) as err:
+        prepare(cfg, log=lambda _: None)
+    assert str(err.value).count("\n") == 0 and f"model.image_shape={shape}" in str(err.value)
+    assert not list(tmp_path.iterdir())
