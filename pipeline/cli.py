@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(importlib.import_module(module), func)(rest)
     except signals.Interrupted as exc:
         return _interrupted(exc, command, rest)
+    except SystemError as exc:  # a signal inside a Ray call of a command that is not `run`
+        if signals.interruption(exc) is None:
+            raise
+        return _interrupted(signals.interruption(exc), command, rest)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

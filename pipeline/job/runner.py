@@ -86,10 +86,14 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
             pool = None
         return [run.run_dir for run in runs]
     except BaseException as exc:
-        if isinstance(exc, signals.Interrupted):
-            exc.run_ids = [run.run_id for run in runs if run.status != "finished"]
+        stop = signals.interruption(exc)
+        if stop is not None:  # raised inside a Ray call, it comes wrapped in a SystemError
+            stop.run_ids = [run.run_id for run in runs if run.status != "finished"]
+            exc = stop
         for run in runs:
             run.fail(exc, pool)
+        if stop is not None:
+            raise stop from None
         raise
     finally:
         with signals.critical():  # a second signal waits for the clean-up

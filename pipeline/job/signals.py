@@ -29,6 +29,17 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+def interruption(exc: BaseException) -> "Interrupted | None":
+    """The `Interrupted` behind `exc`: itself, or the cause of the SystemError Ray's C++ calls
+    (`ray.wait`, `ray.get`) raise when the handler raised inside them."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, Interrupted):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _handler(signum: int, frame: object) -> None:
     if _state["depth"]:
         _state["pending"] = signum
