@@ -95,7 +95,8 @@ class WorkerConfig(_Strict):
     # a worker hands over its rows and a checkpoint of its adaptation state every this many batches;
     # a shard whose worker or driver dies goes on from its last committed chunk
     checkpoint_every: int = Field(20, ge=1)
-    stall_timeout_s: float = Field(900.0, gt=0.0)  # no row done anywhere for this long fails the run
+    # no row done anywhere for this long fails the run; counted from when a worker is built (its start-up is not)
+    stall_timeout_s: float = Field(900.0, gt=0.0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the method's forward passes
     # CPUs per Ray Data decode / preprocess task; the pool leaves this much free. Fractional so a
     # task fits beside the workers on 1-CPU nodes
