@@ -132,9 +132,10 @@ def source_from_folder(root: str | Path) -> CleanSource:
     if not keys:
         raise CorruptError(f"no images in class folders under {root}")
     index = {c: i for i, c in enumerate(classes)}
-    names = [k.split("/", 1)[1].rsplit(".", 1)[0].replace("/", "_") for k in keys]
-    if len(set(names)) != len(names):  # a.png and a.jpg of one class would write one output file
-        dup = next(k for k, n in zip(keys, names) if names.count(n) > 1)
+    names = [k.split("/", 1)[1].rsplit(".", 1)[0] for k in keys]
+    stems = [(k.split("/", 1)[0], n) for k, n in zip(keys, names)]
+    if len(set(stems)) != len(stems):  # a.png and a.jpg of one class would write one output file
+        dup = next(k for k, st in zip(keys, stems) if stems.count(st) > 1)
         raise CorruptError(f"{root}: two images of one class share the name of {dup!r} (the output is <stem>.png)")
     return _keep_readable(CleanSource(
         labels=np.asarray([index[k.split("/", 1)[0]] for k in keys], np.int64), names=names, classes=classes,
