@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.job import signals
 from pipeline.job.outputs import DiskFullError, RunFailed
 
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
@@ -134,8 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
     module, _, func = COMMANDS[command].partition(":")
+    signals.install()  # SIGINT / SIGTERM unwind as `Interrupted`: exit 130 / 143, nothing half-written
     try:
         return getattr(importlib.import_module(module), func)(rest)
+    except signals.Interrupted as exc:
+        return _interrupted(exc, command, rest)
+    except SystemError as exc:  # a signal inside a Ray call of a command that is not `run`
+        if signals.interruption(exc) is None:
+            raise
+        return _interrupted(signals.interruption(exc), command, rest)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -147,3 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     except (DiskFullError, RunFailed) as exc:  # run.json says failed; a rerun with the same run_id resumes
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _stop_local_ray()
+
+
+def _interrupted(exc: signals.Interrupted, command: str, rest: list[str]) -> int:
+    """One line: what stopped, and the command that resumes it (the same one, with the run id)."""
+    if command == "run" and exc.run_ids:
+        kept, i = [], 0
+        while i < len(rest):  # an earlier `--set run_id=...` goes: the resume names the id once
+            if rest[i] == "--set" and i + 1 < len(rest) and rest[i + 1].startswith("run_id="):
+                i += 2
+                continue
+            if not rest[i].startswith("--set=run_id="):
+                kept.append(rest[i])
+            i += 1
+        resume = " ".join(shlex.quote(a) for a in ["python", "-m", "pipeline", "run", *kept,
+                                                   "--set", f"run_id={exc.run_ids[0]}"])
+        print(f"{exc}: run {exc.run_ids[0]} is marked interrupted; resume it with: {resume}", file=sys.stderr)
+    else:
+        print(f"{exc}: python -m pipeline {command} stopped; nothing half-written was left", file=sys.stderr)
+    return exc.exit_code
+
+
+def _stop_local_ray() -> None:
+    """A local Ray instance this driver started stops with it (no raylet, GCS or worker left)."""
+    if "ray" in sys.modules:
+        from pipeline.job.ray_start import shutdown_local
+
+        try:
+            with signals.critical():
+                shutdown_local()
+        except signals.Interrupted:
+            pass

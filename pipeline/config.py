@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ttt.config import TTTConfig
 from ttt.images import ImageSpec
@@ -109,7 +109,8 @@ class WorkerConfig(_Strict):
     # a worker hands over its rows and a checkpoint of its adaptation state every this many batches;
     # a shard whose worker or driver dies goes on from its last committed chunk
     checkpoint_every: int = Field(20, ge=1)
-    stall_timeout_s: float = Field(900.0, gt=0.0)  # no row done anywhere for this long fails the run
+    # no row done anywhere for this long fails the run; counted from when a worker is built (its start-up is not)
+    stall_timeout_s: float = Field(900.0, gt=0.0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the method's forward passes
     # CPUs per Ray Data decode / preprocess task; the pool leaves this much free. Fractional so a
     # task fits beside the workers on 1-CPU nodes
@@ -168,6 +169,13 @@ class RunConfig(_Strict):
     kb: KBConfig = KBConfig()  # used by method nn only
     probes: ProbeConfig = ProbeConfig()  # do not change the results (not in the config hash)
 
+    @field_validator("run_id")
+    @classmethod
+    def _plain_run_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_run_id(value)
+        return value
+
     def results_key(self) -> dict[str, Any]:
         """What fixes the results: data, model, method, shard count and precision (not the other
         workers settings or where outputs go), as JSON values."""
@@ -202,6 +210,25 @@ def _ttt_key(ttt: TTTConfig) -> dict[str, Any]:
     return key
 
 
+RUN_ID_MAX_BYTES = 255  # one directory name on every common file system
+
+
+def check_run_id(run_id: object) -> None:
+    """A run id is one plain directory name inside output_root; else ValueError saying why."""
+    if not isinstance(run_id, str):
+        raise ValueError(f"must be a string, got {type(run_id).__name__}")
+    why = ("is empty" if not run_id.strip() else
+           "holds a NUL byte" if "\0" in run_id else
+           "holds a path separator" if "/" in run_id or "\\" in run_id else
+           f"is {run_id!r}, which names no run directory of its own" if run_id in (".", "..") else
+           "starts with '.', '-' or a space" if run_id[0] in ".- " or run_id[-1] == " " else
+           "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in run_id) else
+           f"is {len(run_id.encode())} bytes long (at most {RUN_ID_MAX_BYTES})"
+           if len(run_id.encode("utf-8", "surrogatepass")) > RUN_ID_MAX_BYTES else None)
+    if why:
+        raise ValueError(f"a run id is one plain directory name inside output_root; this one {why}")
+
+
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, where: str = "--set",
                error: type[ValueError] = ConfigError) -> None:
     """tree["a"]["b"] = value for "a.b", creating sections; `error` names `where` when a part is not one."""
@@ -219,7 +246,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), load_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
 
 
 def _format_error(err: ValidationError) -> str:
@@ -228,20 +255,53 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"config error: unknown field {field!r}"
     given = first.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"config error: {field}: {first['msg']}{shown}"
+    shown = "" if isinstance(given, dict) else f" (got {given!r:.80})"
+    return f"config error: {field}: {first['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def check_unique_keys(text: str, source: str, error: type[ValueError] = ConfigError) -> None:
+    """Refuse a mapping that names a key twice anywhere in the YAML `text` (PyYAML keeps the last
+    silently: a sweep lost a cell that way). Works on the composed nodes, so tags it does not know
+    (lm-eval's `!function`) pass; a syntax error is left for the loader to report."""
+    try:
+        nodes = [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n is not None]
+    except yaml.YAMLError:
+        return
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        raise error(f"{source}: duplicate key {key.value!r} (lines {seen[key.value]} and "
+                                    f"{key.start_mark.line + 1}); each key may appear once per mapping")
+                    seen[key.value] = key.start_mark.line + 1
+                nodes += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            nodes += node.value
+
+
+def load_yaml(text: str, source: str, error: type[ValueError] = ConfigError) -> Any:
+    """yaml.safe_load, refusing duplicate keys; `error` in one line naming `source`."""
+    check_unique_keys(text, source, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{source} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file",
                       error: type[ValueError] = ConfigError) -> dict[str, Any]:
-    """A YAML file holding a mapping, or `error` in one line naming the file."""
+    """A YAML file holding a mapping, or `error` in one line naming the file (a duplicate key too)."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {p} cannot be read: {exc}") from None
+    tree = load_yaml(text, f"{what} {p}", error) or {}
     if not isinstance(tree, dict):
         raise error(f"{what} {p} must hold a mapping at the top level")
     return tree

@@ -49,7 +49,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, check_run_id, check_unique_keys, load_config
 from pipeline.job.outputs import write_json, write_shard
 from pipeline.job.provenance import new_run_id
 from ttt import TTTConfig, build_method
@@ -156,6 +156,11 @@ class TTTHarnessLM(LM):
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.cfg = prepare(cfg)
+        if run_id is not None:
+            try:
+                check_run_id(run_id)
+            except ValueError as exc:
+                raise ConfigError(f"config error: run_id: {exc} (got {run_id!r:.80})") from None
         self.run_id = run_id or new_run_id(f"harness-{cfg.experiment}")
         self.run_dir = Path(self.cfg.output_root) / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +277,8 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only; never the hub
     if args.model != MODEL_NAME:
         raise SystemExit(f"python -m pipeline lm-eval runs --model {MODEL_NAME}; for other models use lm_eval itself")
+    for task_file in sorted(Path(args.include_path).rglob("*.y*ml")):  # lm_eval's loader keeps the last of a duplicate
+        check_unique_keys(task_file.read_text(encoding="utf-8", errors="replace"), f"lm-eval task file {task_file}")
     manager = TaskManager(include_path=args.include_path)
     model = TTTHarnessLM.create_from_arg_string(args.model_args)
     try:

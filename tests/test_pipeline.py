@@ -249,7 +249,7 @@ def _run_signalling_the_worker(ray, cfg, sig: int) -> BaseException | None:
     thread = threading.Thread(target=drive)
     thread.start()
     assert _stop_worker_mid_shard(ray, f"ttt-{cfg.run_id}-w0", sig), "never caught the worker mid-shard"
-    thread.join(timeout=120)
+    thread.join(timeout=300)
     return box.get("exc")
 
 
@@ -291,7 +291,9 @@ def test_a_hung_worker_fails_the_run_in_one_line_and_a_rerun_goes_on(ray_session
     the same command again goes on from the last commits and equals an undisturbed run."""
     slow = ["ttt.steps=15", "ttt.batch_size=10", "workers.num_workers=1", "workers.checkpoint_every=2"]
     reference = results_of(run_job(make_cfg(small_default, tmp_path, "run_id=ref", *slow)))
-    cfg = make_cfg(small_default, tmp_path, "run_id=hung", "workers.stall_timeout_s=4", *slow)
+    # the stall clock starts when the worker is built (its boot under load is not counted), and the
+    # worker is stopped only after its first row (an event); 30 s covers its first block under load
+    cfg = make_cfg(small_default, tmp_path, "run_id=hung", "workers.stall_timeout_s=30", *slow)
     exc = _run_signalling_the_worker(ray_session, cfg, signal.SIGSTOP)
     assert isinstance(exc, RunFailed), exc
     assert "\n" not in str(exc) and "workers.stall_timeout_s" in str(exc) and "shard" in str(exc)

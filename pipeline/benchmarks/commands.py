@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.benchmarks.corrupt import (
     CleanSource,
     CorruptError,
+    check_out_dir,
     check_selection,
     generate,
     source_from_arrays,
@@ -84,19 +85,28 @@ def setting_params(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    """A comma list of integers, or LayoutError naming the flag and the first bad item."""
+    items = _csv(text)
+    bad = [t for t in items if not t.lstrip("-").isdigit()]
+    if bad or not items:
+        raise LayoutError(f"{flag} takes a comma list of integers, got {text!r}" + (f" ({bad[0]!r})" if bad else ""))
+    return [int(t) for t in items]
+
+
 def manifest_main(argv: list[str]) -> int:
     args = manifest_parser().parse_args(argv)
-    options: dict[str, Any] = {
-        "per_domain": args.per_domain, "subset": "file" if args.subset_file else args.subset, "seed": args.seed,
-        "subset_keys": read_lines(args.subset_file) if args.subset_file else None,
-        "classes": args.classes if args.classes in (None, "imagenet", "found") else read_lines(args.classes),
-    }
-    if args.layout == "folder":
-        options["domain"] = args.domain
-    else:
-        options["corruptions"] = _corruption_list(args.corruptions)
-        options["severities"] = [int(s) for s in _csv(args.severities)]
     try:
+        options: dict[str, Any] = {
+            "per_domain": args.per_domain, "subset": "file" if args.subset_file else args.subset, "seed": args.seed,
+            "subset_keys": read_lines(args.subset_file) if args.subset_file else None,
+            "classes": args.classes if args.classes in (None, "imagenet", "found") else read_lines(args.classes),
+        }
+        if args.layout == "folder":
+            options["domain"] = args.domain
+        else:
+            options["corruptions"] = _corruption_list(args.corruptions)
+            options["severities"] = _ints(args.severities, "--severities")
         if args.orders is not None:  # pipeline/benchmarks/orders.py
             from pipeline.benchmarks.orders import build_order_manifests
 
@@ -153,15 +163,16 @@ def source_from_args(args: argparse.Namespace) -> CleanSource:
         if not args.labels:
             raise CorruptError("--images needs --labels")
         return source_from_arrays(args.images, args.labels)
-    shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
+    shape = _ints(args.image_shape, "--image-shape") if args.image_shape else None
     return source_from_manifest(args.manifest, shape)
 
 
 def corrupt_main(argv: list[str]) -> int:
     args = corrupt_parser().parse_args(argv)
     try:
-        corruptions, severities = _names(args.corruptions), [int(s) for s in args.severities.split(",") if s.strip()]
+        corruptions, severities = _names(args.corruptions), _ints(args.severities, "--severities")
         check_selection(corruptions, severities)
+        check_out_dir(args.out)  # before Ray starts, like every other refusal
         source = source_from_args(args)
         from pipeline.job.ray_start import init_ray
 
@@ -172,6 +183,7 @@ def corrupt_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     n = len(source) * len(corruptions) * len(severities)
+    skipped = f"; skipped {len(source.skipped)} clean image(s) (see corrupt.json)" if source.skipped else ""
     print(f"wrote {n} corrupted images ({len(corruptions)} corruptions x {len(severities)} severities x "
-          f"{len(source)}) to {args.out}; manifest {manifest}", flush=True)
+          f"{len(source)}) to {args.out}; manifest {manifest}{skipped}", flush=True)
     return 0

@@ -39,30 +39,28 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.benchmarks.layouts import (
-    ALL_CORRUPTIONS,
-    SEVERITIES,
-    build_manifest,
-    class_folders,
-    class_indices,
-    list_images,
+from pipeline.benchmarks.layouts import ALL_CORRUPTIONS, SEVERITIES, build_manifest
+from pipeline.benchmarks.sources import (  # noqa: F401 - the sources are part of this module's interface
+    MAX_PIXELS,
+    MIN_SIDE,
+    CleanSource,
+    CorruptError,
+    scan_image,
+    source_from_arrays,
+    source_from_digits,
+    source_from_folder,
+    source_from_manifest,
 )
 
 SEED_FUNCTIONS = ("glass_blur", "impulse_noise")  # take their own seed: they ignore NumPy's global RNG
-
-
-class CorruptError(ValueError):
-    """Bad input to the corruption generator, phrased as one line."""
 
 
 # --------------------------------------------------------------------------------- one image
@@ -88,128 +86,6 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) 
         out = np.asarray(Image.fromarray(out).convert("L"))
         return out.reshape(image.shape)
     return out
-
-
-# ------------------------------------------------------------------------------ clean images
-
-@dataclass
-class CleanSource:
-    """Where the clean images are: an in-memory array (shipped to tasks through the object store),
-    a .npy array file (memory-mapped by each task), or image files. `names` are output stems,
-    `classes` the class folder names (label i -> classes[i])."""
-
-    labels: np.ndarray
-    names: list[str]
-    classes: list[str]
-    array: Any = None  # np.ndarray, or an ObjectRef to one once shipped
-    npy_path: str | None = None
-    npy_rows: np.ndarray | None = None  # row of each image in npy_path
-    files: list[str] = field(default_factory=list)
-    description: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, indices: np.ndarray) -> list[np.ndarray]:
-        if self.files:
-            return [_read_file(self.files[i]) for i in indices]
-        if self.npy_path is not None:
-            arr = np.load(self.npy_path, mmap_mode="r", allow_pickle=False)
-            return [np.asarray(arr[self.npy_rows[i]]) for i in indices]
-        arr = self.array
-        if not isinstance(arr, np.ndarray):
-            import ray
-
-            arr = ray.get(arr)
-        return [arr[i] for i in indices]
-
-
-def _read_file(path: str) -> np.ndarray:
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    with Image.open(path) as img:
-        img.load()
-        return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
-
-
-def _check_labels(labels: Sequence[Any], where: str) -> np.ndarray:
-    if any(label is None for label in labels):
-        raise CorruptError(f"{where}: every image needs a label (it names the output's class folder)")
-    arr = np.asarray(labels, dtype=np.int64)
-    if len(arr) and arr.min() < 0:
-        raise CorruptError(f"{where}: labels must be >= 0")
-    return arr
-
-
-def _default_classes(labels: np.ndarray) -> list[str]:
-    # zero-padded so sorted folder names (ImageFolder's class order) keep label order
-    return [f"{c:04d}" for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-
-
-def source_from_folder(root: str | Path) -> CleanSource:
-    root = Path(root).resolve()
-    classes, index = class_indices(class_folders(root))  # wnid folders: the model's ImageNet index
-    keys = list_images(root, classes)
-    if not keys:
-        raise CorruptError(f"no images in class folders under {root}")
-    imagenet = any(index[c] != i for i, c in enumerate(classes))
-    return CleanSource(labels=np.asarray([index[k.split("/", 1)[0]] for k in keys], np.int64),
-                       names=[k.split("/", 1)[1].rsplit(".", 1)[0] for k in keys], classes=classes,
-                       files=[str(root / k) for k in keys],
-                       description={"kind": "folder", "root": str(root), "labels": "imagenet" if imagenet else "found"})
-
-
-def source_from_arrays(images: str | Path, labels: str | Path) -> CleanSource:
-    """A .npy of N x H x W [x C] uint8 images and a .npy of N labels."""
-    arr = np.load(images, mmap_mode="r", allow_pickle=False)
-    lab = _check_labels(np.load(labels, allow_pickle=False).tolist(), str(labels))
-    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) != len(lab):
-        raise CorruptError(f"{images}: expected N x H x W [x C] uint8 with N = {len(lab)} labels, got {arr.shape} {arr.dtype}")
-    return CleanSource(labels=lab, names=[f"{i:06d}" for i in range(len(lab))], classes=_default_classes(lab),
-                       npy_path=str(Path(images).resolve()), npy_rows=np.arange(len(lab)),
-                       description={"kind": "arrays", "images": str(images), "labels": str(labels)})
-
-
-def source_from_manifest(path: str | Path, image_shape: Sequence[int] | None = None) -> CleanSource:
-    """A Parquet manifest: rows with `path` (image file, or .npy with an `index` row) or `pixels`
-    (flat uint8; shaped by `image_shape` H,W[,C], default square grey), and `label`."""
-    table = pq.read_table(path)
-    names = table.column_names
-    if "label" not in names:
-        raise CorruptError(f"manifest {path}: needs a 'label' column")
-    labels = _check_labels(table.column("label").to_pylist(), f"manifest {path}")
-    ids = [str(s) for s in table.column("sample_id").to_pylist()] if "sample_id" in names else [str(i) for i in range(len(labels))]
-    stems = [s.replace("/", "_") for s in ids]
-    desc = {"kind": "manifest", "path": str(path)}
-    if "pixels" in names:
-        flat = table.column("pixels").to_pylist()
-        size = len(flat[0])
-        shape = tuple(image_shape) if image_shape else (int(round(size ** 0.5)),) * 2
-        if int(np.prod(shape)) != size:
-            raise CorruptError(f"manifest {path}: pixels hold {size} values, not an image of shape {list(shape)}; give --image-shape")
-        arr = np.asarray(flat, dtype=np.uint8).reshape((len(flat),) + shape)
-        return CleanSource(labels=labels, names=stems, classes=_default_classes(labels), array=arr, description=desc)
-    if "path" not in names:
-        raise CorruptError(f"manifest {path}: needs a 'path' or 'pixels' column")
-    paths = [str(p) for p in table.column("path").to_pylist()]
-    if "index" in names:  # rows of one array file (the CIFAR-C manifest form)
-        files = set(paths)
-        if len(files) != 1:
-            raise CorruptError(f"manifest {path}: rows with 'index' must all point into one .npy file")
-        return CleanSource(labels=labels, names=stems, classes=_default_classes(labels), npy_path=paths[0],
-                           npy_rows=np.asarray(table.column("index").to_pylist(), np.int64), description=desc)
-    return CleanSource(labels=labels, names=stems, classes=_default_classes(labels), files=paths, description=desc)
-
-
-def source_from_digits(seed: int = 0, n: int | None = None) -> CleanSource:
-    """The embedded default's held-out clean MNIST digits (28 x 28 grey; the split of pipeline.embedded.mnistc)."""
-    from pipeline.embedded.mnistc import split_digits
-
-    split = split_digits(seed)
-    x, y = split["x_test"][:n], split["y_test"][:n]
-    return CleanSource(labels=y.astype(np.int64), names=[f"{i:06d}" for i in range(len(y))],
-                       classes=_default_classes(y), array=np.ascontiguousarray(x),
-                       description={"kind": "digits", "split_seed": seed})
 
 
 # -------------------------------------------------------------------------------- Ray tasks
@@ -281,9 +157,10 @@ def write_cifar_layout(dataset, source: CleanSource, corruptions: Sequence[str],
     """Collect the tasks' images into `<corruption>.npy` files, severity blocks stacked in order."""
     n = len(source)
     first = source.load(np.asarray([0]))[0]
-    shapes = {source.load(np.asarray([i]))[0].shape for i in (0, n - 1)}
+    shapes = source.shapes or {source.load(np.asarray([i]))[0].shape for i in (0, n - 1)}
     if len(shapes) != 1:
-        raise CorruptError(f"the cifar-c layout needs images of one shape, found {sorted(shapes)}; use --layout files")
+        raise CorruptError(f"the cifar-c layout needs images of one shape (and mode), found {sorted(shapes)}; "
+                           "use --layout files")
     arrays = {c: np.lib.format.open_memmap(out / f"{c}.npy.tmp", mode="w+", dtype=np.uint8,
                                             shape=(len(severities) * n,) + first.shape) for c in corruptions}
     n_sev = len(severities)
@@ -314,11 +191,43 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
     """Corrupt every image of `source` with each corruption x severity into `out`; returns the manifest."""
     check_selection(corruptions, severities)
     if len(source) == 0:
-        raise CorruptError("no clean images to corrupt")
+        why = f" ({len(source.skipped)} skipped, e.g. {next(iter(source.skipped.values()))})" if source.skipped else ""
+        raise CorruptError(f"no clean images to corrupt{why}")
     if layout not in ("cifar-c", "files"):
         raise CorruptError(f"layout must be cifar-c or files, got {layout!r}")
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _generate(source, out, corruptions, severities, layout, seed, num_workers, batch_size)
+    except BaseException as exc:  # never a partial output: what this call wrote goes
+        shutil.rmtree(out, ignore_errors=True) if created else [_remove(p) for p in out.iterdir()]
+        if isinstance(exc, OSError):
+            raise CorruptError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """--out must be a new or empty directory that can be written (a partial earlier output is never mixed in)."""
+    p = Path(out).resolve()
+    if p.exists() and not p.is_dir():
+        raise CorruptError(f"--out {out} is a file; give a new or empty directory")
+    if p.is_dir() and any(p.iterdir()):
+        raise CorruptError(f"--out {out} is not empty; give a new or empty directory")
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise CorruptError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CorruptError(f"--out {out}: {existing} is not writable")
+    return p
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _generate(source: CleanSource, out: Path, corruptions: Sequence[str], severities: Sequence[int], layout: str,
+              seed: int, num_workers: int | None, batch_size: int) -> Path:
     _quiet_ray_data()
     t0 = time.perf_counter()
     if layout == "cifar-c":
@@ -334,6 +243,7 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in source.classes))
     info = {"layout": layout, "corruptions": list(corruptions), "severities": list(severities), "seed": seed,
             "n_clean": len(source), "source": source.description, "classes": source.classes,
+            "skipped": {"count": len(source.skipped), "images": source.skipped},
             "seconds": round(time.perf_counter() - t0, 2)}
     (out / "corrupt.json").write_text(json.dumps(info, indent=2))
     options = {"corruptions": list(corruptions), "severities": list(severities)}

@@ -95,9 +95,35 @@ def choose_subset(keys: Sequence[str], per_domain: int | None, subset: str, seed
 
 def _cifar_block_severities(root: Path) -> list[int]:
     info = root / "corrupt.json"
-    if info.is_file():
-        return [int(s) for s in json.loads(info.read_text())["severities"]]
-    return list(SEVERITIES)
+    if not info.is_file():
+        return list(SEVERITIES)
+    try:
+        blocks = json.loads(info.read_text(encoding="utf-8"))["severities"]
+        if not isinstance(blocks, list) or not blocks or any(type(b) is not int or b not in SEVERITIES for b in blocks) \
+                or len(set(blocks)) != len(blocks):
+            raise ValueError(f"severities must be distinct values of {list(SEVERITIES)}, got {blocks!r:.60}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise LayoutError(f"{info} is malformed (it must be JSON with a 'severities' list): "
+                          f"{type(exc).__name__}: {str(exc)[:100]}") from None
+    return blocks
+
+
+def integer_labels(values: Any, where: str) -> np.ndarray:
+    """N labels as int64: a 1-D array of integers >= 0 (integral floats pass); a fractional,
+    negative, non-numeric or multi-dimensional label array is refused, never truncated."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise LayoutError(f"{where}: labels must be one per image (shape (N,)), got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))][0]
+            raise LayoutError(f"{where}: labels must be whole numbers, found {bad!r}")
+    elif arr.dtype.kind not in "iub":
+        raise LayoutError(f"{where}: labels must be integers, got {arr.dtype}")
+    labels = arr.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise LayoutError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+    return labels
 
 
 def _open_array(path: Path) -> np.ndarray:
@@ -118,7 +144,7 @@ def cifar_c_pool(root: str | Path, corruptions: Sequence[str] = BENCHMARK_CORRUP
     root = Path(root).resolve()
     severities = _check_severities(severities)
     blocks = _cifar_block_severities(root)
-    labels = np.asarray(_open_array(root / "labels.npy")).astype(np.int64)
+    labels = integer_labels(_open_array(root / "labels.npy"), str(root / "labels.npy"))
     cols: dict[str, list] = {k: [] for k in ("sample_id", "path", "index", "label", "domain", "corruption", "severity")}
     for corruption in corruptions:
         path = root / f"{corruption}.npy"
@@ -157,18 +183,33 @@ def class_folders(directory: Path) -> list[str]:
     """Sorted class folder names, as torchvision's ImageFolder.find_classes."""
     if not directory.is_dir():
         raise LayoutError(f"missing directory {directory}")
-    return sorted(e.name for e in directory.iterdir() if e.is_dir())
+    try:
+        return sorted(e.name for e in directory.iterdir() if e.is_dir())
+    except OSError as exc:
+        raise LayoutError(f"cannot list {directory}: {exc.strerror}") from None
 
 
 def list_images(directory: Path, classes: Sequence[str]) -> list[str]:
     """`<class>/<relative file>` of every image under the class folders, in ImageFolder's order
     (class by class, files sorted)."""
     keys: list[str] = []
+    seen: dict[str, str] = {}  # real folder -> where it was first listed: a folder reached twice is refused
+
+    def unreadable(exc: OSError) -> None:
+        raise LayoutError(f"cannot read {exc.filename}: {exc.strerror} (a class folder is never dropped silently)")
+
     for c in classes:
         found: list[str] = []
+        if not (directory / c).is_dir():
+            raise LayoutError(f"missing class folder {directory / c}")
         # os.walk's directory entries carry their type: no stat per file (ImageNet-C has 3.75M files)
-        for dirpath, _, files in os.walk(directory / c, followlinks=True):
+        for dirpath, _, files in os.walk(directory / c, followlinks=True, onerror=unreadable):
             rel = Path(dirpath).relative_to(directory).as_posix()
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a symlink loop, or a link to another class's images: they would repeat, mislabelled
+                raise LayoutError(f"{directory / rel} is {real}, already listed as {seen[real]} (a symlink loop or "
+                                  "a link between class folders): every image must be reached once")
+            seen[real] = rel
             found.extend(f"{rel}/{f}" for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         keys.extend(sorted(found))
     return keys
@@ -248,10 +289,24 @@ def folder_pool(root: str | Path, per_domain: int | None = None, subset: str = "
 # ------------------------------------------------------------------------------------- command
 
 def read_lines(path: str | Path) -> list[str]:
+    """A list file's entries (one per line, blank lines skipped): UTF-8, each entry once."""
     p = Path(path)
     if not p.is_file():
         raise LayoutError(f"file not found: {p}")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise LayoutError(f"{p} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise LayoutError(f"cannot read {p}: {exc.strerror}") from None
+    seen: set[str] = set()
+    for line in lines:
+        if line in seen:
+            raise LayoutError(f"{p} lists {line!r} twice: each entry may appear once")
+        seen.add(line)
+    if not lines:
+        raise LayoutError(f"{p} lists nothing")
+    return lines
 
 
 def build_pool(layout: str, root: str | Path, **options: Any) -> pa.Table:
@@ -270,10 +325,27 @@ def build_pool(layout: str, root: str | Path, **options: Any) -> pa.Table:
 def build_manifest(layout: str, root: str | Path, out: str | Path, *, setting: str = "continual",
                    setting_params: dict[str, Any] | None = None, **options: Any) -> tuple[Path, dict[str, Any]]:
     """Pool the layout's samples, order them by `setting`, write the manifest; return (path, meta)."""
+    check_out_file(out)
     pool = build_pool(layout, root, **options)
     table, meta = apply_setting(pool, setting, **(setting_params or {}))
     source = {k: v for k, v in options.items() if k != "subset_keys"}
     source.update(layout=layout, root=str(Path(root).resolve()), n_subset_keys=len(options.get("subset_keys") or []))
     meta["source"] = source
     meta["rows"] = table.num_rows
-    return write_manifest(table, meta, out), meta
+    try:
+        return write_manifest(table, meta, out), meta
+    except OSError as exc:
+        Path(str(out) + ".tmp").unlink(missing_ok=True)
+        raise LayoutError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def check_out_file(out: str | Path) -> None:
+    """--out must name a file that can be written: not a directory, in a writable directory."""
+    p = Path(out).absolute()
+    if p.is_dir():
+        raise LayoutError(f"--out {out} is a directory; name the manifest file, e.g. {p / 'manifest.parquet'}")
+    existing = next(q for q in p.parents if q.exists())
+    if not existing.is_dir():
+        raise LayoutError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LayoutError(f"--out {out}: {existing} is not writable")

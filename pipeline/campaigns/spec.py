@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, RunConfig, read_yaml_mapping, set_dotted
+from pipeline.config import ConfigError, RunConfig, load_yaml, read_yaml_mapping, set_dotted
 
 HELD_OUT_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "spatter", "gaussian_blur", "saturate")
 SPEC_KEYS = {"name", "base", "config", "set", "axes", "cells", "select", "select_over", "validation", "streams"}
@@ -196,7 +195,7 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
         base = Path(base_dir) / str(raw["base"])
         if not base.is_file():
             raise SweepError(f"sweep: base config not found: {base}")
-        tree = yaml.safe_load(base.read_text()) or {}
+        tree = read_yaml_mapping(base, "sweep: base config", SweepError)
     elif "config" in raw:
         tree = copy.deepcopy(_fields("config", raw["config"]))
     sets = dict(_fields("set", raw.get("set") or {}))
@@ -204,7 +203,7 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SweepError(f"--set expects key=value, got {item!r}")
-        sets[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        sets[key.strip()] = load_yaml(value, f"--set {key.strip()}", SweepError) if value.strip() else None
     for key, value in sets.items():
         _set_dotted(tree, key, value)
     axes_raw = raw.get("axes") or {}

@@ -67,6 +67,8 @@ def check_model_loads(cfg: RunConfig) -> tuple[RunConfig, Any]:
         adapter = build_adapter(cfg.model.model_dump(), "cpu", model=model)
     except ValueError as exc:  # factory refused or failing, checkpoint refused or not fitting
         raise ConfigError(str(exc)) from None
+    if cfg.model.kind == "image_classifier":
+        check_image_shape(cfg, adapter)
     cls = method_class(cfg.ttt.method, cfg.model.kind)
     missing = [h for h in cls.required_hooks if not adapter.has_hook(h)]
     if missing:
@@ -91,6 +93,25 @@ def resolve_preprocess(model_cfg: ModelConfig, model: Any) -> ModelConfig:
         return ModelConfig.model_validate({**model_cfg.model_dump(), **update, "preprocess_from": source})
     except ValueError as exc:
         raise ConfigError(f"model.preprocess: auto ({source}): {exc}") from None
+
+
+def check_image_shape(cfg: RunConfig, adapter: Any) -> None:
+    """One forward of a zero batch of `model.image_shape` in eval mode: a shape the model does not
+    take would make every row an error row, so it is refused here, in one line."""
+    import torch
+
+    model, shape = adapter.get_model(), [1, *cfg.model.image_shape]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            adapter.forward(torch.zeros(shape, device=getattr(adapter, "device", "cpu")))
+    except Exception as exc:  # noqa: BLE001 - any failure of the model on this shape is the refusal
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"model.image_shape={list(cfg.model.image_shape)} does not fit model {cfg.model.factory}: "
+                          f"a zero batch of shape {shape} fails ({type(exc).__name__}: {first})") from None
+    finally:
+        model.train(was_training)
 
 
 def check_method_starts(cfg: RunConfig, adapter: Any) -> None:

@@ -39,8 +39,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # at start (run.json) as mid-run: one line
+            raise DiskFullError(f"no space left writing {path} ({exc.strerror}); "
+                                "free space and rerun with the same run_id to resume") from None
         raise
 
 

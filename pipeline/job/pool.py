@@ -53,6 +53,7 @@ class Pool:
         self.serving: list[str | None] = [None] * size  # the run each slot's worker last served
         self.keep, self.runs = False, 1  # kept for the next run (`warm_workers`); runs served
         self.job = ray.get_runtime_context().get_job_id()
+        self.ready: dict[str, Any] = {}  # worker name -> ref that resolves when it is built (stall clock)
         self.actors = [self._start(i) for i in range(size)]
 
     def matches(self, cfg: RunConfig, plan: tuple[int, float]) -> bool:
@@ -81,7 +82,9 @@ class Pool:
         # replicas spread over the nodes (a lost node costs the fewest shards); a replacement goes to
         # another live node than the one its predecessor died on
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(other, soft=True) if other else "SPREAD"
-        return TTTWorkerActor.options(**options).remote(self.spec, self.names[slot])
+        actor = TTTWorkerActor.options(**options).remote(self.spec, self.names[slot])
+        self.ready[self.names[slot]] = actor.__ray_ready__.remote()  # resolves once its constructor is done
+        return actor
 
     def placement(self) -> list[dict[str, Any]]:
         """Where each slot's last worker ran (the node id its chunks reported)."""

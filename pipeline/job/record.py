@@ -13,10 +13,12 @@ from pipeline.config import RunConfig
 from pipeline.job.checks import check_resume, prepare_run
 from pipeline.job.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.job.inputs import InputSpec, count_rows
+from pipeline.job.lock import RunLock
 from pipeline.job.outputs import committed_shards, summarise_run, write_json
 from pipeline.job.pool import SharedActors
 from pipeline.job.progress import log
 from pipeline.job.provenance import git_commit, new_run_id, package_versions, source_hash
+from pipeline.job.signals import Interrupted, critical
 from pipeline.manifest import read_manifest_meta
 from ttt.methods import method_class
 
@@ -37,8 +39,13 @@ class Run:
         run.run_dir = Path(cfg.output_root) / run.run_id
         run.inputs = inputs_fingerprint(cfg.data.manifest, cfg.model.model_dump())
         run.fingerprint = run_fingerprint(cfg.config_hash(), run.inputs)  # what each shard's commit records
-        run.earlier = check_resume(run.run_dir, cfg, run.inputs)  # an earlier driver's run.json, or None
         run.shared, run.status = None, "prepared"
+        run.lock = RunLock(run.run_dir, run.run_id)  # one driver per run directory, from here to close()
+        try:
+            run.earlier = check_resume(run.run_dir, cfg, run.inputs)  # an earlier driver's run.json, or None
+        except BaseException:
+            run.lock.release(remove_if_unused=True)
+            raise
         return run
 
     def open(self, resources: dict[str, float]) -> None:
@@ -130,19 +137,24 @@ class Run:
         self.info["counts"]["restarts"] = restarts(resumes)
 
     def fail(self, exc: BaseException, pool: "Pool | None") -> None:
+        """run.json `failed`, or `interrupted` for SIGINT / SIGTERM (a rerun with the run_id resumes either)."""
         if self.status != "running":
             return
+        status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         self._note_resumes(pool)
-        self.info.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
+        self.info.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
         try:
-            write_json(self.run_dir / "run.json", self.info)
+            with critical():
+                write_json(self.run_dir / "run.json", self.info)
         except OSError as write_exc:  # a full disk may refuse even this small file
-            log(f"WARNING: could not mark {self.run_dir / 'run.json'} failed: {write_exc}")
-        self.status = "failed"
+            log(f"WARNING: could not mark {self.run_dir / 'run.json'} {status}: {write_exc}")
+        self.status = status
 
     def close(self) -> None:
         if self.shared is not None:
             self.shared.shutdown()
+            self.shared = None
+        self.lock.release(remove_if_unused=self.status == "prepared")
 
 
 def restarts(resumes: list[dict[str, Any]]) -> int:

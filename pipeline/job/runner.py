@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.job import signals
 from pipeline.job.checks import check_gpus
 from pipeline.job.inputs import warm_up
 from pipeline.job.pool import Pool, keep_warm, pool_for, worker_plan
@@ -44,18 +45,23 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
     model is the same. Each run is written, resumable and finished on its own, exactly as if run
     alone (same rows, same run directory layout); `on_done(index, run_dir)` is called as each ends."""
     started_at = time.time()
-    runs = [Run.prepare(cfg) for cfg in cfgs]  # every refusal happens here, before Ray starts
-    prepared_at = time.time()
-    resources = init_ray()
-    ray_ready_at = time.time()
-    for run in runs:
-        check_gpus(run.cfg, resources)
-    for run in runs:
-        run.open(resources)
-    quiet_ray_data()
-    timing = {"started_at": started_at, "prepare_s": prepared_at - started_at, "ray_ready_s": ray_ready_at - started_at}
+    runs: list[Run] = []
     pool: Pool | None = None
     try:
+        for cfg in cfgs:
+            runs.append(Run.prepare(cfg))  # every refusal happens here, before Ray starts
+        prepared_at = time.time()
+        resources = init_ray()
+        signals.reinstall()  # ray.init sets a SIGTERM handler of its own
+        ray_ready_at = time.time()
+        for run in runs:
+            check_gpus(run.cfg, resources)
+        for run in runs:
+            with signals.critical():
+                run.open(resources)
+        quiet_ray_data()
+        timing = {"started_at": started_at, "prepare_s": prepared_at - started_at,
+                  "ray_ready_s": ray_ready_at - started_at}
         pending = [(run, shard) for run in runs for shard in run.todo]
         index = {id(run): i for i, run in enumerate(runs)}
 
@@ -66,7 +72,8 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
 
         for run in runs:
             if not run.todo:
-                finished(run)
+                with signals.critical():
+                    finished(run)
         if pending:
             threading.Thread(target=warm_up, args=(pending[0][0].inputs_spec,), daemon=True).start()
             lead_run = pending[0][0]  # runs finished by an earlier driver hold no worker spec
@@ -79,11 +86,18 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
             pool = None
         return [run.run_dir for run in runs]
     except BaseException as exc:
+        stop = signals.interruption(exc)
+        if stop is not None:  # raised inside a Ray call, it comes wrapped in a SystemError
+            stop.run_ids = [run.run_id for run in runs if run.status != "finished"]
+            exc = stop
         for run in runs:
             run.fail(exc, pool)
+        if stop is not None:
+            raise stop from None
         raise
     finally:
-        if pool is not None:
-            pool.shutdown()
-        for run in runs:
-            run.close()
+        with signals.critical():  # a second signal waits for the clean-up
+            if pool is not None:
+                pool.shutdown()
+            for run in runs:
+                run.close()

@@ -19,6 +19,7 @@ from pipeline.job.pool import Pool
 from pipeline.job.probes import Probes
 from pipeline.job.progress import Progress, log
 from pipeline.job.record import Run
+from pipeline.job.signals import critical
 
 WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
 CHUNKS_AHEAD = 2  # uncommitted chunks a worker may stream ahead of the driver
@@ -31,6 +32,7 @@ class Scheduler:
     def __init__(self, cfg: RunConfig, pool: "Pool", on_run_done: Callable[[Run], None]):
         self.cfg, self.pool, self.on_run_done = cfg, pool, on_run_done
         self.attempts: dict[tuple[str, int], int] = {}
+        self.ready_seen: set[str] = set()  # workers whose constructor has finished
         self.progress: Progress | None = None
         self.probes = Probes()  # forgetting / transfer probes of committed states (probes.every > 0)
 
@@ -69,15 +71,31 @@ class Scheduler:
                         idle.append(slot)
                     continue
                 running[gen] = (slot, run, shard)
-                self._commit(slot, run, chunk)
+                with critical():  # a signal waits for the commit (and a finished run's summary)
+                    self._commit(slot, run, chunk)
                 last_change = time.monotonic()
             if self.progress.poll(self.pool, {g: (slot, label(r, s)) for g, (slot, r, s) in running.items()}):
                 last_change = time.monotonic()
+            if running and not self._any_ready(running.values()):
+                last_change = time.monotonic()  # the stall clock starts when a worker is built, not before
             if running and time.monotonic() - last_change > self.cfg.workers.stall_timeout_s:
                 waiting = ", ".join(f"shard {s} of {r.run_id} on {self.pool.name(slot)}" for slot, r, s in running.values())
                 raise RunFailed(f"no row done for {self.cfg.workers.stall_timeout_s:g} s "
                                 f"(workers.stall_timeout_s): waiting for {waiting}")
         self.progress.finish()
+
+    def _any_ready(self, items: Any) -> bool:
+        """Whether a running item's worker has finished its start-up (a fresh worker's boot under
+        load takes longer than a short stall timeout)."""
+        for slot, _, _ in items:
+            name = self.pool.name(slot)
+            if name in self.ready_seen:
+                return True
+            ref = self.pool.ready.get(name)
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                self.ready_seen.add(name)
+                return True
+        return False
 
     def _start(self, slot: int, run: Run, shard: int) -> Any:
         key = (run.run_id, shard)
