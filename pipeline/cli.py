@@ -8,9 +8,6 @@ import argparse
 import importlib
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.job.outputs import DiskFullError, RunFailed
-
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
 commands:
@@ -39,6 +36,8 @@ def _config_args(prog: str, need_config: bool) -> argparse.ArgumentParser:
 
 def cmd_run(argv: list[str]) -> int:
     args = _config_args("run", True).parse_args(argv)
+    from pipeline.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     from pipeline.job.outputs import format_summary
     from pipeline.job.runner import run_job
@@ -50,6 +49,8 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_build_data(argv: list[str]) -> int:
     args = _config_args("build-data", False).parse_args(argv)
+    from pipeline.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     from pipeline.job.checks import prepare
 
@@ -134,14 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     module, _, func = COMMANDS[command].partition(":")
     try:
         return getattr(importlib.import_module(module), func)(rest)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except ValueError as exc:  # manifest / model-load errors: one line, no traceback
-        if type(exc).__name__ in ONE_LINE_ERRORS:
+    except Exception as exc:  # classes told by name: importing their modules here would cost every command
+        kind = type(exc).__name__
+        if kind == "ConfigError":
+            print(str(exc), file=sys.stderr)
+            return 2
+        if isinstance(exc, ValueError) and kind in ONE_LINE_ERRORS:  # manifest / model-load errors
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if kind in ("DiskFullError", "RunFailed"):  # run.json says failed; a rerun with the same run_id resumes
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         raise
-    except (DiskFullError, RunFailed) as exc:  # run.json says failed; a rerun with the same run_id resumes
-        print(f"error: {exc}", file=sys.stderr)
-        return 1

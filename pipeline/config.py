@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ttt.config import TTTConfig
-from ttt.images import ImageSpec
 
 
 class ConfigError(ValueError):
@@ -80,6 +79,8 @@ class ModelConfig(_Strict):
         if self.kind == "image_classifier" and (self.path is not None or self.lora is not None):
             raise ValueError("model.path and model.lora apply to model.kind=causal_lm")
         if self.kind == "image_classifier":
+            from ttt.images import ImageSpec  # torch: imported only when a model config is checked
+
             ImageSpec.from_model_config(self.model_dump())  # channel counts of mean / std, positive std
         return self
 
