@@ -13,7 +13,7 @@ def test_runs_and_help_import_neither_torch_nor_ray(tmp_path: Path) -> None:
             "from pipeline.cli import main\n"
             f"main(['runs', 'list', '--root', {str(tmp_path)!r}])\n"
             "main(['--help'])\n"
-            "import pipeline.analysis.runs_cli, pipeline.analysis.report, pipeline.config\n"
+            "import pipeline.analysis.runs_cli, pipeline.analysis.report, pipeline.analysis.runs\n"
             "heavy = sorted(m for m in ('torch', 'ray', 'matplotlib.pyplot') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
