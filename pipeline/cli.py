@@ -11,7 +11,8 @@ import sys
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
 commands:
-  run CONFIG [--set key=value ...]   run an evaluation (resumes into an existing --set run_id=...)
+  run CONFIG [--set key=value ...]   run an evaluation (resumes into an existing --set run_id=...);
+                                     --local: in this process, one stream, no Ray
   build-data [CONFIG] [--set ...]    build the embedded default data, model (and KB for nn)
   build-kb ARGS                      build a faiss knowledge base (see build-kb --help)
   runs list|show|compare ...         find and compare runs (see runs --help)
@@ -35,11 +36,20 @@ def _config_args(prog: str, need_config: bool) -> argparse.ArgumentParser:
 
 
 def cmd_run(argv: list[str]) -> int:
-    args = _config_args("run", True).parse_args(argv)
+    parser = _config_args("run", True)
+    parser.add_argument("--local", action="store_true",
+                        help="run in this process as one stream, without Ray (pipeline/job/local.py)")
+    args = parser.parse_args(argv)
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     from pipeline.job.outputs import format_summary
+
+    if args.local:
+        from pipeline.job.local import run_local
+
+        print(format_summary(run_local(cfg).run_dir), flush=True)
+        return 0
     from pipeline.job.runner import run_job
 
     run_dir = run_job(cfg)

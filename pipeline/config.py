@@ -86,7 +86,9 @@ class ModelConfig(_Strict):
 
 
 class WorkerConfig(_Strict):
-    num_shards: int = Field(2, ge=1)  # with the seed, fixes the results
+    # with the seed, fixes the results; None: 1 (one stream) when the method carries state from batch to
+    # batch, else 2 (pipeline/job/protocol.py resolves it before the run starts)
+    num_shards: int | None = Field(None, ge=1)
     num_workers: int | None = Field(None, ge=1)  # None = min(num_shards, what the cluster fits)
     num_cpus: float = Field(0.5, ge=0.0)  # fractional so actors never starve Ray Data's reads
     num_gpus: float = Field(0.0, ge=0.0)

@@ -51,6 +51,7 @@ from PIL import Image
 
 from pipeline.benchmarks.layouts import (
     ALL_CORRUPTIONS,
+    HELD_OUT_CORRUPTIONS,
     SEVERITIES,
     build_manifest,
     class_folders,
@@ -308,8 +309,12 @@ def _quiet_ray_data() -> None:
 
 def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str] = ALL_CORRUPTIONS,
              severities: Sequence[int] = SEVERITIES, layout: str = "cifar-c", seed: int = 0,
-             num_workers: int | None = None, batch_size: int = 64) -> Path:
-    """Corrupt every image of `source` with each corruption x severity into `out`; returns the manifest."""
+             num_workers: int | None = None, batch_size: int = 64, include_held_out: bool = False) -> Path:
+    """Corrupt every image of `source` with each corruption x severity into `out`; returns the manifest.
+
+    The test manifest (`<out>/manifest.parquet`) leaves the 4 held-out validation corruptions out
+    (hyperparameters chosen on them would leak into the test numbers) unless `include_held_out` or
+    only held-out ones were asked for; they get `<out>/manifest_held_out.parquet` of their own."""
     check_selection(corruptions, severities)
     if len(source) == 0:
         raise CorruptError("no clean images to corrupt")
@@ -337,8 +342,13 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
     options = {"corruptions": list(corruptions), "severities": list(severities)}
     if layout == "files":
         options["classes"] = source.classes
-    manifest, _ = build_manifest("cifar-c" if layout == "cifar-c" else "imagenet-c", out, out / "manifest.parquet",
-                                 **options)
+    kind = "cifar-c" if layout == "cifar-c" else "imagenet-c"
+    held = [c for c in corruptions if c in HELD_OUT_CORRUPTIONS]
+    test = list(corruptions) if include_held_out or len(held) == len(corruptions) else \
+        [c for c in corruptions if c not in HELD_OUT_CORRUPTIONS]
+    manifest, _ = build_manifest(kind, out, out / "manifest.parquet", **{**options, "corruptions": test})
+    if set(held) - set(test):
+        build_manifest(kind, out, out / "manifest_held_out.parquet", **{**options, "corruptions": held})
     return manifest
 
 

@@ -120,6 +120,8 @@ def config_difference(cfg: RunConfig, recorded: dict[str, Any]) -> str | None:
         if key.startswith(_IGNORED_PREFIXES) and key != "workers.num_shards":
             continue
         a, b = mine.get(key), theirs.get(key)
+        if key == "workers.num_shards" and a is None:  # unset: resolved by the job (pipeline/job/protocol.py)
+            continue
         if key in _RESOLVED:
             if a is None:
                 continue

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.embedded.resolve import ensure_kb, resolve_defaults
+from pipeline.job.protocol import resolve_shards
 from pipeline.manifest import check_manifest
 from ttt import build_method
 from ttt.methods import method_class
@@ -34,7 +35,7 @@ def prepare_run(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Run
     """`prepare`, plus what the checks learnt that the job needs: the model's number of classes
     (labels are validated against it while decoding)."""
     check_output_root(cfg.output_root)
-    cfg = resolve_defaults(cfg, log)
+    cfg = resolve_shards(resolve_defaults(cfg, log))  # num_shards unset: one stream when order matters
     check_manifest(cfg.data.manifest, cfg.model.kind)
     adapter = check_model_loads(cfg)
     if cfg.ttt.method == "nn":
