@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis.compare import comparison_warnings
 from pipeline.analysis.plots import model_label
-from pipeline.analysis.report import comparison_warnings
 from pipeline.analysis.runs import RunSet
 from pipeline.analysis.stats import hierarchical_bootstrap, holm, mcnemar, paired_bootstrap, win_tie_loss
+from pipeline.campaigns.campaign_report import write_report
 
 METHOD_AXIS, SETTING_AXIS = "method", "setting"
 TABLE_COLUMNS = ["method", "choice", "hp", "setting", "domain", "model", "n_seeds", "n_per_seed", "error", "ci_low",
@@ -242,28 +243,21 @@ class Campaign:
         return pd.DataFrame(rows, columns=WIN_COLUMNS)
 
     def warnings(self) -> list[str]:
-        """Compared test runs (same setting and seed) that differ in manifest, model or batch size."""
+        """Compared test runs (same setting and seed) whose protocols differ (pipeline.analysis.compare):
+        manifest, model, batch size, setting, independent streams, predict_from, domain set."""
         chosen = self._chosen_tests()
+        domains = {r: set(g["domain"]) for r, g in chosen[chosen["domain"] != "mean"].groupby("run_id", sort=False)}
         chosen = chosen[chosen["domain"] == "mean"]
         runs = {m["run_id"]: m for m in self.runs("test")}
         out = []
         for (setting, seed), g in chosen.groupby(["setting", "seed"], sort=False):
             metas = [runs[r] for r in dict.fromkeys(g["run_id"]) if r in runs]
             labels = [g.loc[g["run_id"] == m["run_id"], "label"].iloc[0] for m in metas]
-            out += [f"setting {setting}, seed {seed}: {w}" for w in comparison_warnings(metas, labels)]
+            sets = [domains.get(m["run_id"], set()) for m in metas]
+            out += [f"setting {setting}, seed {seed}: {w}" for w in comparison_warnings(metas, labels, sets)]
         return out
 
     def report(self, out: str | Path | None = None, baseline: str | None = None) -> Path:
         """Write the campaign's CSVs, heat map and report.md (pipeline/campaigns/campaign_report.py)."""
-        from pipeline.campaigns.campaign_report import write_report
-
-        return write_report(self, out, baseline)
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError):
-        return False
-
-
+        return write_report(self, Path(out) if out is not None else campaign_dir(self.root, self.name) / "report",
+                            baseline)

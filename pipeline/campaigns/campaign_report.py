@@ -6,18 +6,16 @@ A cell's text carries its own grid point, so a method tuned per setting shows ea
 """
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from pipeline.analysis.plots import heatmap, md_table
 from pipeline.analysis.stats import format_p
-
-if TYPE_CHECKING:
-    from pipeline.campaigns.campaign import Campaign
 
 MEAN_DEFINITION = ("`mean` = the mean over domains (each domain weighs the same) of a seed's error, then "
                    "the mean over seeds")
@@ -25,10 +23,8 @@ INTERVAL = ("95% interval from a bootstrap that resamples seeds, then samples wi
             "domain (it accounts for both; bounded to [0, 100])")
 
 
-def write_report(campaign: "Campaign", out: str | Path | None, baseline: str | None = None) -> Path:
-    from pipeline.campaigns.campaign import _finished, campaign_dir
-
-    out = Path(out) if out is not None else campaign_dir(campaign.root, campaign.name) / "report"
+def write_report(campaign: Any, out: Path, baseline: str | None = None) -> Path:
+    """`campaign`: a pipeline.campaigns.campaign.Campaign (its table, pairs, selection, wins, warnings)."""
     out.mkdir(parents=True, exist_ok=True)
     table, pairs, selection = campaign.table(), campaign.pairs(), campaign.selection()
     wins = campaign.wins(baseline)
@@ -74,6 +70,13 @@ def write_report(campaign: "Campaign", out: str | Path | None, baseline: str | N
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
 
 
 def _pairs_md(pairs: pd.DataFrame) -> list[str]:
