@@ -5,9 +5,13 @@ block (eata, sar, rotta, lame, deyo, roid) carries its reference defaults.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+# your own method by reference: `mypkg.methods:MyMethod`, a subclass of ttt.methods.base.Method
+# (ttt.methods.method_class imports and checks it)
+MethodRef = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
 
 
 class _Strict(BaseModel):
@@ -140,7 +144,8 @@ class NNConfig(_Strict):
 
 class TTTConfig(_Strict):
     method: Literal["source", "norm", "tent", "mim", "cotta", "nn",
-                    "eata", "sar", "rotta", "lame", "deyo", "roid"] = "source"
+                    "eata", "sar", "rotta", "lame", "deyo", "roid"] | MethodRef = "source"
+    method_kwargs: dict[str, Any] = {}  # a referenced method's own options (read as self.cfg.method_kwargs)
     steps: int = Field(1, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"

@@ -62,7 +62,10 @@ def check_model_loads(cfg: RunConfig) -> Any:
         adapter = build_adapter(cfg.model.model_dump(), "cpu")
     except ValueError as exc:  # factory refused or failing, checkpoint refused or not fitting
         raise ConfigError(str(exc)) from None
-    cls = method_class(cfg.ttt.method, cfg.model.kind)
+    try:
+        cls = method_class(cfg.ttt.method, cfg.model.kind)  # a `pkg.mod:Class` reference is imported and checked here
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     missing = [h for h in cls.required_hooks if not adapter.has_hook(h)]
     if missing:
         raise ConfigError(f"ttt.method={cfg.ttt.method} needs hook(s) {missing} that model {cfg.model.factory} "
