@@ -86,3 +86,34 @@ def test_one_batch_per_domain_with_same_forward_is_said() -> None:
     assert no_update_note(cfg, "same_forward", {"fog": 500}) is None  # several batches: updates reach later ones
     continual = load_config(ROOT / "configs/mnistc_tent.yaml", ["ttt.batch_size=200"])
     assert no_update_note(continual, "same_forward", {"fog": 50, "rotate": 50}) is None
+
+
+def test_progress_never_passes_100_percent_nor_says_0_rows_per_s() -> None:
+    from pipeline.job.progress import Progress
+
+    lines: list[str] = []
+    p = Progress({"s0": 100}, {}, lines.append, 0.0)
+    assert "waiting for the first batch" in p._overall() and "rows/s" not in p._overall()
+    p.seen["s0"] = 130  # a worker's count that runs ahead of the shard's rows
+    text = p._overall()
+    assert text.startswith("100/100 rows (100%)") and "ETA 0s" in text
+
+
+def test_sweep_cell_counter_only_goes_up(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.campaigns.sweep as sweep
+    from pipeline.campaigns.spec import parse_sweep
+
+    raw = {"name": "order", "config": {"output_root": str(tmp_path)},
+           "axes": {"ttt.batch_size": [10, 20, 30]}}
+    lines: list[str] = []
+    monkeypatch.setattr(sweep, "log", lines.append)
+    monkeypatch.setattr("pipeline.campaigns.campaign.Campaign.report", lambda self, out=None, baseline=None: tmp_path)
+
+    def executor(cfgs, on_done):  # cells finish out of order: the last first
+        for i in reversed(range(len(cfgs))):
+            on_done(i, tmp_path / cfgs[i].run_id)
+
+    sweep.run_sweep(parse_sweep(raw), executor=executor)
+    counts = [int(line.split("campaign ")[1].split("/")[0]) for line in lines if "cells, " in line]
+    assert counts == [1, 2, 3]
+    assert "order-batch_size30 finished" in lines[1]  # the whole run id, never cut

@@ -182,11 +182,13 @@ def run_sweep(spec: SweepSpec, *, executor: Callable[..., list[Path]] = execute_
     log(f"campaign {spec.name}: {len(cells)} cells ({len(cells) - n_val} test, {n_val} validation); "
         f"{len(done)} finished already, {len(todo)} to run")
     t0 = time.perf_counter()
+    finished = [0]  # cells end out of order: count them, so the counter only goes up
 
     def progress(i: int, run_dir: Path) -> None:
+        finished[0] += 1
         elapsed = time.perf_counter() - t0
-        left = (len(todo) - i - 1) * elapsed / (i + 1)
-        log(f"cell {todo[i].name} finished ({run_dir}); campaign {len(done) + i + 1}/{len(cells)} cells, "
+        left = max(0.0, (len(todo) - finished[0]) * elapsed / finished[0])
+        log(f"cell {todo[i].run_id} finished ({run_dir}); campaign {len(done) + finished[0]}/{len(cells)} cells, "
             f"{elapsed:.0f} s so far, ~{left:.0f} s to go")
 
     if todo:
