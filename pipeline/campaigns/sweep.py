@@ -209,7 +209,7 @@ def sweep_main(argv: list[str]) -> int:
                         help="override a base config field in every cell (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                        help="also log every run to MLflow (default store: <output_root>/mlruns)")
+                        help="also log every run to MLflow (default store: <output_root>/.mlruns)")
     args = parser.parse_args(argv)
     spec = load_sweep(args.sweep, args.overrides)
     if args.dry_run:
