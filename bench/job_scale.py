@@ -125,7 +125,7 @@ def plain_loop(cfg, png_manifest: Path | None) -> float:
     spec = adapter.spec
     if png_manifest is not None:
         paths = pq.read_table(png_manifest, columns=["path"]).column("path").to_pylist()
-        bounds = shard_bounds(len(paths), cfg.workers.num_shards)
+        bounds = shard_bounds(len(paths), cfg.workers.num_shards or 1)
         for start, end in bounds:
             method.reset()
             loader = DataLoader(PngRows(paths[start:end], spec), batch_size=cfg.ttt.batch_size, num_workers=2)
@@ -135,7 +135,7 @@ def plain_loop(cfg, png_manifest: Path | None) -> float:
         table = pq.read_table(cfg.data.manifest)
         pixels = np.stack(table.column("pixels").to_numpy(zero_copy_only=False)).astype(np.float32)
         x_all = normalise(torch.from_numpy(pixels).view(-1, *spec.shape) / 255.0, spec)
-        for start, end in shard_bounds(len(x_all), cfg.workers.num_shards):
+        for start, end in shard_bounds(len(x_all), cfg.workers.num_shards or 1):
             method.reset()
             for i in range(start, end, cfg.ttt.batch_size):
                 method.step(x_all[i:min(i + cfg.ttt.batch_size, end)]).logits.argmax(1)
@@ -187,7 +187,7 @@ def throughput(args) -> None:
                 phases[name].append(info)
     ray.shutdown()
     med = {k: statistics.median(v) for k, v in walls.items()}
-    print(f"\nTent, {args.rows} rows, batch {cfg.ttt.batch_size}, {cfg.workers.num_shards} shards, "
+    print(f"\nTent, {args.rows} rows, batch {cfg.ttt.batch_size}, {cfg.workers.num_shards or 1} shards, "
           f"median of {args.repeats} (alternating order; pipeline walls include prepare, Parquet writes, summary)\n")
     print("| configuration | wall s | samples/s | first step after s |")
     print("| --- | --: | --: | --: |")

@@ -35,7 +35,7 @@ def plain_loop(cfg) -> float:
     adapter = build_adapter(cfg.model.model_dump(), "cpu")
     method = build_method(adapter, cfg.ttt)
     x_all = (torch.from_numpy(pixels).view(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
-    for start, end in shard_bounds(len(x_all), cfg.workers.num_shards):
+    for start, end in shard_bounds(len(x_all), cfg.workers.num_shards or 1):
         method.reset()
         for i in range(start, end, cfg.ttt.batch_size):
             method.step(x_all[i:min(i + cfg.ttt.batch_size, end)]).logits.argmax(1)
@@ -72,7 +72,7 @@ def main() -> None:
     ray.shutdown()
     med = {k: statistics.median(v) for k, v in timings.items()}
     plain = med["plain loop (1 thread)"]
-    print(f"\nTent, {args.rows} rows, batch {cfg.ttt.batch_size}, {cfg.workers.num_shards} shards, "
+    print(f"\nTent, {args.rows} rows, batch {cfg.ttt.batch_size}, {cfg.workers.num_shards or 1} shards, "
           f"median of {args.repeats} (alternating order)\n")
     print("| configuration | wall s | samples/s | time vs plain loop |")
     print("| --- | --- | --- | --- |")

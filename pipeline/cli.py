@@ -9,14 +9,13 @@ import importlib
 import shlex
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.job import signals
-from pipeline.job.outputs import DiskFullError, RunFailed
+from pipeline.job import signals  # stdlib only: --help stays fast
 
 USAGE = """usage: python -m pipeline COMMAND [ARGS]
 
 commands:
-  run CONFIG [--set key=value ...]   run an evaluation (resumes into an existing --set run_id=...)
+  run CONFIG [--set key=value ...]   run an evaluation (resumes into an existing --set run_id=...);
+                                     --local: in this process, one stream, no Ray
   build-data [CONFIG] [--set ...]    build the embedded default data, model (and KB for nn)
   build-kb ARGS                      build a faiss knowledge base (see build-kb --help)
   runs list|show|compare ...         find and compare runs (see runs --help)
@@ -41,9 +40,20 @@ def _config_args(prog: str, need_config: bool) -> argparse.ArgumentParser:
 
 
 def cmd_run(argv: list[str]) -> int:
-    args = _config_args("run", True).parse_args(argv)
+    parser = _config_args("run", True)
+    parser.add_argument("--local", action="store_true",
+                        help="run in this process as one stream, without Ray (pipeline/job/local.py)")
+    args = parser.parse_args(argv)
+    from pipeline.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     from pipeline.job.outputs import format_summary
+
+    if args.local:
+        from pipeline.job.local import run_local
+
+        print(format_summary(run_local(cfg).run_dir), flush=True)
+        return 0
     from pipeline.job.runner import run_job
 
     run_dir = run_job(cfg)
@@ -53,6 +63,8 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_build_data(argv: list[str]) -> int:
     args = _config_args("build-data", False).parse_args(argv)
+    from pipeline.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     from pipeline.job.checks import prepare
 
@@ -145,17 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         if signals.interruption(exc) is None:
             raise
         return _interrupted(signals.interruption(exc), command, rest)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except ValueError as exc:  # manifest / model-load errors: one line, no traceback
-        if type(exc).__name__ in ONE_LINE_ERRORS:
+    except Exception as exc:  # classes told by name: importing their modules here would cost every command
+        kind = type(exc).__name__
+        kinds = {c.__name__ for c in type(exc).__mro__}  # SweepError is a ConfigError
+        if "ConfigError" in kinds:
+            print(str(exc), file=sys.stderr)
+            return 2
+        if isinstance(exc, ValueError) and kind in ONE_LINE_ERRORS:  # manifest / model-load errors
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if kinds & {"DiskFullError", "RunFailed"}:  # run.json says failed; a rerun with the same run_id resumes
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         raise
-    except (DiskFullError, RunFailed) as exc:  # run.json says failed; a rerun with the same run_id resumes
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         _stop_local_ray()
 

@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ttt.config import TTTConfig
-from ttt.images import ImageSpec
 
 LATER_METHOD_BLOCKS = frozenset({"rmt", "adacontrast", "cmf", "memo", "rpl", "santa", "t3a", "shot_im",
                                  "bn_alpha", "ttt"})
@@ -94,12 +93,16 @@ class ModelConfig(_Strict):
         if self.kind == "image_classifier" and (self.path is not None or self.lora is not None):
             raise ValueError("model.path and model.lora apply to model.kind=causal_lm")
         if self.kind == "image_classifier":
+            from ttt.images import ImageSpec  # torch: imported only when a model config is checked
+
             ImageSpec.from_model_config(self.model_dump())  # channel counts of mean / std, positive std
         return self
 
 
 class WorkerConfig(_Strict):
-    num_shards: int = Field(2, ge=1)  # with the seed, fixes the results
+    # with the seed, fixes the results; None: 1 (one stream) when the method carries state from batch to
+    # batch, else 2 (pipeline/job/protocol.py resolves it before the run starts)
+    num_shards: int | None = Field(None, ge=1)
     num_workers: int | None = Field(None, ge=1)  # None = min(num_shards, what the cluster fits)
     num_cpus: float = Field(0.5, ge=0.0)  # fractional so actors never starve Ray Data's reads
     num_gpus: float = Field(0.0, ge=0.0)

@@ -142,9 +142,12 @@ def test_imagenet_c_seeded_subset_and_subset_file(imagenet_c, tmp_path):
 
 
 def test_folder_layout_is_one_domain(imagenet_c):
-    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean", classes="found")
+    pool = folder_pool(imagenet_c / "fog" / "3", domain="clean", classes="found", order="class-sorted")
     assert set(pool.column("domain").to_pylist()) == {"clean"}
     assert pool.column("label").to_pylist() == [y for _, y in image_folder_samples(imagenet_c / "fog" / "3")]
+    shuffled = folder_pool(imagenet_c / "fog" / "3", domain="clean")  # the default: a seeded shuffle
+    assert sorted(shuffled.column("sample_id").to_pylist()) == sorted(pool.column("sample_id").to_pylist())
+    assert shuffled.column("label").to_pylist() != pool.column("label").to_pylist()
 
 
 def test_manifest_command_writes_the_setting(cifar_c, tmp_path, capsys):

@@ -14,7 +14,8 @@ from pipeline.analysis.report import write_reports
 from pipeline.cli import cmd_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ERROR_COLUMNS = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error", "ci_low", "ci_high"]
+ERROR_COLUMNS = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error", "ci_low", "ci_high",
+                 "first_position"]
 
 
 def assert_png(path: Path) -> None:
@@ -55,8 +56,10 @@ def test_comparison_report_with_cache_nulls_and_lm(tmp_path: Path) -> None:
     source = make_run(tmp_path / "runs", method="source", adapt=False, status="failed", error_rows=3,
                       started=T0 + timedelta(hours=2))
     written = write_reports([tent, nn, source], out=tmp_path / "cmp")
-    assert written == [tent / "report" / "report.md", nn / "report" / "report.md",
-                       source / "report" / "report.md", tmp_path / "cmp" / "report.md"]
+    cmp = tmp_path / "cmp"
+    # --out: nothing is written into the run directories the report reads
+    assert written == [cmp / d.name / "report.md" for d in (tent, nn, source)] + [cmp / "report.md"]
+    assert not any((d / "report").exists() for d in (tent, nn, source))
 
     cmp = tmp_path / "cmp"
     for png in ("error_by_domain.png", "stream.png", "cache.png", "timing.png"):
@@ -71,11 +74,11 @@ def test_comparison_report_with_cache_nulls_and_lm(tmp_path: Path) -> None:
     assert "source is failed" in (cmp / "report.md").read_text()
 
     # A run without losses, entropies or timings still gets a report, with notes instead of plots.
-    md = (source / "report" / "report.md").read_text()
+    md = (cmp / source.name / "report.md").read_text()
     assert "plot skipped" in md and "No timing recorded" in md
-    assert not (source / "report" / "stream.png").exists()
-    assert_png(source / "report" / "error_by_domain.png")
-    assert_png(nn / "report" / "cache.png")
+    assert not (cmp / source.name / "stream.png").exists()
+    assert_png(cmp / source.name / "error_by_domain.png")
+    assert_png(cmp / nn.name / "cache.png")
 
     # Without --out the comparison goes next to the first run's own report, not over it.
     assert cmd_report([str(tent), str(nn)]) == 0
@@ -111,3 +114,35 @@ def test_comparison_labels_intervals_and_warnings(tmp_path: Path, capsys) -> Non
     # every cell of the markdown table carries its interval and n
     first = errors.iloc[0]
     assert f"{100 * first['error']:.1f} [{100 * first['ci_low']:.1f}, {100 * first['ci_high']:.1f}] n={first['scored']}" in md
+
+
+def test_mean_is_the_mean_over_domains_and_protocol_differences_warn(tmp_path: Path, capsys) -> None:
+    """`mean` was the pooled rows in `report` and the mean of domains in `compare` and campaigns; and
+    runs of a different number of streams, setting or domain set were compared without a word."""
+    import json
+
+    from pipeline.analysis.report import error_cell_texts, error_table
+    from pipeline.analysis.runs import RunSet, run_labels
+
+    one = make_run(tmp_path / "runs", shards=1, n_per_domain=60)
+    four = make_run(tmp_path / "runs", shards=4, domains=("shot_noise", "fog"), started=T0 + timedelta(hours=1))
+    for run_dir, streams in ((one, 1), (four, 4)):
+        meta = json.loads((run_dir / "run.json").read_text())
+        meta["protocol"] = {"setting": "continual", "order_matters": True, "num_shards": streams,
+                            "independent_streams": streams}
+        (run_dir / "run.json").write_text(json.dumps(meta))
+    runs = RunSet.from_dirs([one, four])
+    labels = run_labels(runs)
+    results = runs.results(["run_id", "domain", "position", "correct", "error", "adapter_source"])
+    errors = error_table(results, runs, labels)
+    texts = error_cell_texts(errors, labels)
+    first = errors[errors["run_id"] == runs[0]["run_id"]]
+    mean_of_domains = 100 * first["error"].mean()
+    assert texts.iloc[0]["mean"].startswith(f"{mean_of_domains:.1f} [")
+    assert list(texts.columns) == ["shot_noise", "fog", "rotate", "mean"]  # stream order
+    assert texts.iloc[1]["rotate"] == "-"  # a domain the run does not have: no nan cell
+    write_reports([one, four], out=tmp_path / "cmp")
+    err = capsys.readouterr().err
+    assert "differ in independent streams" in err and "differ in their domains" in err
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "`mean` = the mean over domains" in md and "nan" not in md

@@ -228,7 +228,7 @@ def test_unreadable_run_json_is_skipped_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skipping") as caught:
         runs = query_runs(tmp_path)
     assert runs.run_ids == [good.name]
-    assert len(caught) == 3
+    assert len(caught) == 2  # a folder without run.json is not a run: no warning (an MLflow store, say)
     with pytest.raises(ValueError, match="not a readable run directory"):
         RunSet.from_dirs([bad])
 

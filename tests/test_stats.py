@@ -71,3 +71,41 @@ def test_paired_bootstrap() -> None:
     assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)
     with pytest.raises(ValueError, match="booleans"):
         paired_bootstrap([0, 2], [1, 1])
+
+
+def test_hierarchical_bootstrap_counts_seeds_and_samples() -> None:
+    from pipeline.analysis.stats import hierarchical_bootstrap
+
+    # one seed, one domain, 0 of 100 wrong: every resample is 0 -> [0, 0]; all wrong -> [1, 1]
+    assert hierarchical_bootstrap([[0]], [[100]]) == (0.0, 0.0, 0.0)
+    assert hierarchical_bootstrap([[100]], [[100]]) == (1.0, 1.0, 1.0)
+    # a deterministic corruption (every seed the same 653 of 1000) is NOT a zero-width interval: the
+    # samples still vary. Binomial sd of the mean of 2 identical seeds' draws: sqrt(.653 .347 / 1000 / 2)
+    # = 0.01065 at most (a resample may draw the same seed twice: sd sqrt(.653 .347 / 1000) = 0.01506)
+    err, low, high = hierarchical_bootstrap([[653], [653]], [[1000], [1000]], n_resamples=20_000)
+    assert err == pytest.approx(0.653)
+    assert 0.02 < high - low < 2 * 1.96 * 0.01506 and low < 0.653 < high
+    # two seeds far apart with few samples: never below 0 (Student-t over 2 seeds gave 3.0 +- 12.7)
+    err, low, high = hierarchical_bootstrap([[0], [6]], [[100], [100]])
+    assert err == pytest.approx(0.03) and 0.0 <= low <= 0.01 and high <= 0.09
+    # the mean over domains, each domain weighing the same: (10/100 + 40/50) / 2 = 0.45
+    assert hierarchical_bootstrap([[10, 40]], [[100, 50]])[0] == pytest.approx(0.45)
+
+
+def test_holm_by_hand() -> None:
+    from pipeline.analysis.stats import holm
+
+    # sorted 0.01, 0.02, 0.04 (m = 3): 0.03, max(0.03, 0.04) = 0.04, max(0.04, 0.04) = 0.04
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    # capped at 1, NaN kept out of m: sorted 0.3, 0.6 (m = 2): 0.6, 0.6
+    adj = holm([0.6, float("nan"), 0.3])
+    assert adj[0] == pytest.approx(0.6) and adj[2] == pytest.approx(0.6) and math.isnan(adj[1])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_p_text_and_win_tie_loss() -> None:
+    from pipeline.analysis.stats import format_p, win_tie_loss
+
+    assert (format_p(0.0), format_p(0.0004), format_p(0.0123), format_p(float("nan"))) == ("< 0.001", "< 0.001", "0.012", "-")
+    # lower error and significant: win; higher and significant: loss; not significant: tie
+    assert win_tie_loss([-0.02, 0.03, -0.10, 0.01], [0.01, 0.001, 0.2, 0.04]) == (1, 1, 2)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.analysis.runs import query_runs
-from pipeline.analysis.stats import mean_ci
+from pipeline.analysis.stats import hierarchical_bootstrap
 from pipeline.campaigns.campaign import Campaign
 from pipeline.campaigns.spec import SweepError, expand, parse_sweep
 from pipeline.campaigns.sweep import run_sweep, write_campaign
@@ -153,9 +153,11 @@ def test_campaign_table_pairs_and_report(tmp_path: Path) -> None:
     campaign = Campaign(tmp_path, "camp")
     table = campaign.table()
     tent = table[(table["method"] == "tent") & (table["domain"] == "mean")].iloc[0]
-    mean, low, high, n = mean_ci([0.25, 0.30])
-    assert (tent["n_seeds"], tent["n_per_seed"], tent["hp"]) == (2, 80, "lr0.001")
+    # seeds 0 and 1 at 10 and 12 of 40 wrong in each of 2 domains: the two-level bootstrap's interval
+    mean, low, high = hierarchical_bootstrap([[10, 10], [12, 12]], [[40, 40], [40, 40]])
+    assert (tent["n_seeds"], tent["n_per_seed"], tent["hp"], tent["few_seeds"]) == (2, 80, "lr0.001", True)
     assert (tent["error"], tent["ci_low"], tent["ci_high"]) == pytest.approx((mean, low, high))
+    assert mean == pytest.approx(0.275) and 0 <= low < 0.25 and 0.30 < high <= 1
     assert set(table["method"]) == {"source", "tent", "tent (oracle)", "tent (default)"}
     assert table["model"].str.startswith("small_cnn").all()
 
@@ -171,7 +173,10 @@ def test_campaign_table_pairs_and_report(tmp_path: Path) -> None:
 
     assert cmd_report(["--campaign", "camp", "--root", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "27.5 [" in md and "(n=2x80)" in md and "lr0.001" in md
+    assert "27.5 [" in md and "(n=2x80, <3 seeds) @lr0.001" in md and "nan" not in md
+    assert "p holm" in md and "< 0.001" in md and "Win / tie / loss against source" in md
+    wins = pd.read_csv(tmp_path / "rep" / "wins.csv")
+    assert wins.set_index("method").loc["tent", ["cells", "wins", "losses"]].tolist() == [2, 2, 0]
     assert (tmp_path / "rep" / "table.png").read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(tmp_path / "rep" / "pairs.csv")) == 1
 
@@ -233,3 +238,22 @@ def test_killed_campaign_resumes_to_the_same_table(tmp_path: Path, small_default
     whole = Campaign(root, "whole").table()
     pd.testing.assert_frame_equal(resumed.table().drop(columns="seeds"), whole.drop(columns="seeds"))
     assert np.isfinite(whole["error"]).all() and len(whole) == 2 * 4  # 2 methods x (3 domains + mean)
+
+
+def test_report_shows_each_settings_grid_point_and_no_nan(tmp_path: Path) -> None:
+    """report.md named the first setting's grid point for every setting (table.csv was right)."""
+    import subprocess as sp
+
+    out = tmp_path / "camp"
+    proc = sp.run([sys.executable, str(REPO / "bench" / "campaign_stats.py"), str(out)], capture_output=True,
+                  text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| tent ") and "oracle" not in line)
+    continual, reset = [c.strip() for c in row.strip("|").split("|")][2:4]
+    assert continual.endswith("@lr0.001") and reset.endswith("@lr0.01")  # selection.csv's choice per setting
+    table = pd.read_csv(out / "report" / "table.csv")
+    source = table[(table["method"] == "source") & (table["domain"] == "mean")].iloc[0]
+    # deterministic over seeds (65.3% both): still an interval from the samples, within [0, 1]
+    assert source["ci_low"] < source["error"] < source["ci_high"] and 0 <= source["ci_low"] and source["ci_high"] <= 1
+    assert "nan" not in md

@@ -20,9 +20,12 @@ from pipeline.campaigns.sweep import write_campaign  # noqa: E402
 def test_runs_round_trip_through_mlflow(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     tent = make_run(root, lr=0.01)
+    meta = json.loads((tent / "run.json").read_text())
+    meta["config"]["ttt"].update(seed=3, cotta={"mt": 0.999})  # a real run's config holds every method's block
+    (tent / "run.json").write_text(json.dumps(meta))
     source = make_run(root, method="source", adapt=False)
     uri, ids = export_runs([tent, source])
-    assert uri == (root / "mlruns").resolve().as_uri()
+    assert uri == (root / ".mlruns").resolve().as_uri()
     client = mlflow.tracking.MlflowClient(uri)
     run = client.get_run(ids[0])
     meta = json.loads((tent / "run.json").read_text())
@@ -35,6 +38,22 @@ def test_runs_round_trip_through_mlflow(tmp_path: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(ids[0], "report")}
     assert {"report/report.md", "report/error_by_domain.csv", "report/error_by_domain.png"} <= artifacts
     assert run.info.status == "FINISHED"
+    # the params of the method that ran, predict_from as resolved; setting / seed / model as tags
+    assert not any(k.startswith(("ttt.cotta.", "ttt.eata.")) for k in run.data.params)
+    assert run.data.params["ttt.predict_from"] == "same_forward"
+    assert run.data.tags["ttt.seed"] == "3" and run.data.tags["ttt.model_label"] == "small_cnn"
+    assert "ttt.setting" in run.data.tags
+    online = client.get_metric_history(ids[0], "error/online")
+    assert len(online) > 10 and [m.step for m in online] == sorted(m.step for m in online)
+    assert "summary.json" in {a.path for a in client.list_artifacts(ids[0])}
+    # the store lives under the output root, and the registry never mistakes it for a run
+    import warnings
+
+    from pipeline.analysis.runs import query_runs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(query_runs(root)) == 2
     # exporting again adds nothing
     assert export_runs([tent, source])[1] == ids
     assert len(client.search_runs([run.info.experiment_id])) == 2
@@ -56,4 +75,7 @@ def test_campaign_export_has_a_parent_and_child_runs(tmp_path: Path) -> None:
     assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "campaign")} >= {
         "campaign/table.csv", "campaign/pairs.csv", "campaign/report.md", "campaign/table.png"}
     roles = {r.data.tags["ttt.cell"]: r.data.tags["ttt.role"] for r in children}
+    child = children[0].info.run_id  # each cell with its summary and its own report
+    assert "summary.json" in {a.path for a in client.list_artifacts(child)}
+    assert "report/report.md" in {a.path for a in client.list_artifacts(child, "report")}
     assert roles["val-tent-seed1-lr0.01"] == "validation" and roles["tent-seed1-lr0.01"] == "test"

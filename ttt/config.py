@@ -6,11 +6,16 @@ bn_alpha, ttt) carries its reference defaults.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from ttt.protocol import OnlineConfig
+
+# your own method by reference: `mypkg.methods:MyMethod`, a subclass of ttt.methods.base.Method
+# (ttt.methods.method_class imports and checks it)
+MethodRef = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
+
 
 
 class _Strict(BaseModel):
@@ -260,7 +265,8 @@ class TTTConfig(_Strict):
     method: Literal["source", "norm", "tent", "mim", "cotta", "nn",
                     "eata", "sar", "rotta", "lame", "deyo", "roid",
                     "rmt", "adacontrast", "cmf", "memo", "rpl", "santa", "t3a", "shot_im", "bn_alpha",
-                    "ttt"] = "source"
+                    "ttt"] | MethodRef = "source"
+    method_kwargs: dict[str, Any] = {}  # a referenced method's own options (read as self.cfg.method_kwargs)
     steps: int = Field(1, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"

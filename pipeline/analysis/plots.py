@@ -75,7 +75,7 @@ def mark_stream(ax: Any, frame: pd.DataFrame, domain_labels: bool) -> None:
         top.tick_params(labelrotation=90, labelsize=7, length=0)
 
 
-def stream_plot(stream: pd.DataFrame, single: bool, path: Path) -> bool:
+def stream_plot(stream: pd.DataFrame, single: bool, path: Path, model: str = "") -> bool:
     has_loss = stream["loss_first"].notna().any()
     has_entropy = "class_entropy" in stream and stream["class_entropy"].notna().any()
     if not (has_loss or has_entropy):
@@ -107,11 +107,12 @@ def stream_plot(stream: pd.DataFrame, single: bool, path: Path) -> bool:
     if single:
         mark_stream(ax_loss, stream, domain_labels=True)
         mark_stream(ax_ent, stream, domain_labels=False)
+    _model_title(fig, model)
     fig.savefig(path, dpi=DPI)
     return True
 
 
-def cache_plot(stream: pd.DataFrame, cache: pd.DataFrame, path: Path) -> None:
+def cache_plot(stream: pd.DataFrame, cache: pd.DataFrame, path: Path, model: str = "") -> None:
     over_time = "cache_evictions" in stream and stream["cache_evictions"].notna().any()
     fig = Figure(figsize=(11, 6.5 if over_time else 4), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True) if over_time else [fig.subplots()]
@@ -132,10 +133,11 @@ def cache_plot(stream: pd.DataFrame, cache: pd.DataFrame, path: Path) -> None:
         axes[1].set_ylabel("evictions so far")
         axes[1].legend(fontsize=8)
     axes[-1].set_xlabel("samples into the stream (shards in manifest order)")
+    _model_title(fig, model)
     fig.savefig(path, dpi=DPI)
 
 
-def timing_plot(table: pd.DataFrame, by: str, path: Path) -> None:
+def timing_plot(table: pd.DataFrame, by: str, path: Path, model: str = "") -> None:
     every = [s.removeprefix("timing_") for s in STAGES] + ["other"]
     parts = [p for p in every if table[p].fillna(0).gt(0).any()]
     fig = Figure(figsize=(max(5.0, 1.1 * len(table) + 3.5), 4.5), layout="constrained")
@@ -153,7 +155,19 @@ def timing_plot(table: pd.DataFrame, by: str, path: Path) -> None:
     ax.set_title("time per stage")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
+    _model_title(fig, model)
     fig.savefig(path, dpi=DPI)
+
+
+def _model_title(fig: Figure, model: str) -> None:
+    """Every figure names the model its numbers come from."""
+    if model:
+        fig.suptitle(f"model: {model}", fontsize=9)
+
+
+def models_text(metas: Any) -> str:
+    """The model label of the runs drawn in one figure (distinct labels, in run order)."""
+    return ", ".join(dict.fromkeys(model_label(m) for m in metas)) or "?"
 
 
 def md_table(frame: pd.DataFrame, index: bool = False) -> str:

@@ -34,12 +34,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.plots import STAGES, cache_plot, heatmap, md_table, model_label, stream_plot, timing_plot
+from pipeline.analysis.compare import comparison_warnings
+from pipeline.analysis.plots import (
+    STAGES,
+    cache_plot,
+    heatmap,
+    md_table,
+    model_label,
+    models_text,
+    stream_plot,
+    timing_plot,
+)
 from pipeline.analysis.runs import RunSet, run_labels
-from pipeline.analysis.stats import wilson_ci
+from pipeline.analysis.stats import hierarchical_bootstrap, wilson_ci
 
 REPORT_DIR = "report"
-RESULT_COLUMNS = ["run_id", "domain", "correct", "error", "adapter_source", "nll", "n_bytes"]
+RESULT_COLUMNS = ["run_id", "domain", "position", "correct", "error", "adapter_source", "nll", "n_bytes"]
 ANALYSIS_COLUMNS = ["run_id", "shard", "batch_index", "domain", "sample_ids", "losses", "steps", "class_entropy",
                     "used_cache", "cache_evictions", *STAGES, "timing_total"]
 OUTPUTS = ("report.md", "error_by_domain.csv", "error_by_domain.png", "stream.png", "cache.csv", "cache.png",
@@ -62,76 +72,63 @@ def error_table(results: pd.DataFrame, runs: RunSet, labels: list[str]) -> pd.Da
                "wrong": wrong, "error_rows": int(group["error"].notna().sum()),
                "error": wrong / scored if scored else np.nan}
         row["ci_low"], row["ci_high"] = wilson_ci(wrong, scored)  # 95% over this run's samples
+        row["first_position"] = group["position"].min() if "position" in group else np.nan
         if lm:
             ok = group[group["error"].isna() & group["nll"].notna() & (group["n_bytes"] > 0)]
             row["bits_per_byte"] = (ok["nll"].sum() / (ok["n_bytes"].sum() * math.log(2))) if len(ok) else np.nan
         rows.append(row)
-    columns = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error", "ci_low", "ci_high"]
+    columns = ["run_id", "label", "method", "domain", "n", "scored", "wrong", "error_rows", "error", "ci_low", "ci_high",
+               "first_position"]
     counts = {"n": "int64", "scored": "int64", "wrong": "int64", "error_rows": "int64", "error": "float64",
               "ci_low": "float64", "ci_high": "float64"}
     # Typed even when empty (a run with no parts yet), so sums and ratios downstream stay numeric.
     return pd.DataFrame(rows, columns=columns + (["bits_per_byte"] if lm else [])).astype(counts)
 
 
+MEAN_DEFINITION = "`mean` = the mean over domains of the run's per-domain error (each domain weighs the same)"
+
+
+def domain_order(table: pd.DataFrame) -> list[str]:
+    """Domains in stream order: by the first stream position where any run meets them (the order of
+    appearance when positions are unknown)."""
+    if "first_position" in table and table["first_position"].notna().any():
+        first = table.groupby("domain", sort=False)["first_position"].min()
+        return list(first.sort_values(kind="stable").index)
+    return list(dict.fromkeys(table["domain"]))
+
+
 def wide(table: pd.DataFrame, value: str, labels: list[str]) -> pd.DataFrame:
     """Runs as rows, domains as columns (in stream order), plus the mean over domains."""
     out = table.pivot_table(index="label", columns="domain", values=value, sort=False, dropna=False)
-    out = out.reindex(index=[lab for lab in labels if lab in out.index], columns=list(dict.fromkeys(table["domain"])))
+    out = out.reindex(index=[lab for lab in labels if lab in out.index], columns=domain_order(table))
     out["mean"] = out.mean(axis=1)
     return out
 
 
 def error_cell_texts(errors: pd.DataFrame, labels: list[str], sep: str = " ") -> pd.DataFrame:
-    """Runs x domains of 'error % [low, high] n=scored' (Wilson 95%); `mean` is the pooled error of
-    the run's scored rows with its own interval, so every cell carries its n and interval."""
+    """Runs x domains of 'error % [low, high] n=scored' (Wilson 95%); `mean` is the mean over the
+    run's domains (MEAN_DEFINITION) with a bootstrap interval over each domain's samples, so every
+    cell carries its n and interval; a domain a run does not have reads `-`."""
     rows = []
     for label, g in errors.groupby("label", sort=False):
         for r in g.itertuples():
-            rows.append((label, r.domain, r.wrong, r.scored))
-        rows.append((label, "mean", int(g["wrong"].sum()), int(g["scored"].sum())))
-    frame = pd.DataFrame(rows, columns=["label", "domain", "wrong", "scored"])
-
-    def text(wrong: int, scored: int) -> str:
-        if not scored:
-            return "-"
-        low, high = wilson_ci(wrong, scored)
-        return f"{100 * wrong / scored:.1f}{sep}[{100 * low:.1f}, {100 * high:.1f}]{sep}n={scored}"
-
-    frame["text"] = [text(w, n) for w, n in zip(frame["wrong"], frame["scored"])]
+            rows.append((label, r.domain, _wilson_text(r.wrong, r.scored, sep)))
+        g = g[g["scored"] > 0]
+        err, low, high = hierarchical_bootstrap(g["wrong"].to_numpy()[None, :], g["scored"].to_numpy()[None, :])
+        text = "-" if np.isnan(err) else \
+            f"{100 * err:.1f}{sep}[{100 * low:.1f}, {100 * high:.1f}]{sep}n={int(g['scored'].sum())}"
+        rows.append((label, "mean", text))
+    frame = pd.DataFrame(rows, columns=["label", "domain", "text"])
     out = frame.pivot_table(index="label", columns="domain", values="text", aggfunc="first", sort=False)
-    order = list(dict.fromkeys(errors["domain"])) + ["mean"]
-    return out.reindex(index=[lab for lab in labels if lab in out.index], columns=order)
+    order = domain_order(errors) + ["mean"]
+    return out.reindex(index=[lab for lab in labels if lab in out.index], columns=order).fillna("-")
 
 
-COMPARED_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("manifest", ("config.data.manifest", "inputs_fingerprint.manifest")),
-    ("model", ("model", "config.model.checkpoint", "config.model.path", "inputs_fingerprint.model")),
-    ("batch size", ("config.ttt.batch_size",)),
-)
-
-
-def _lookup(meta: dict[str, Any], dotted: str) -> Any:
-    node: Any = meta
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def comparison_warnings(metas: list[dict[str, Any]], labels: list[str]) -> list[str]:
-    """One line per property (manifest, model, batch size) in which the compared runs differ."""
-    out = []
-    for name, keys in COMPARED_FIELDS:
-        values = [tuple(str(_lookup(m, k)) for k in keys) for m in metas]
-        if len(set(values)) > 1:
-            groups: dict[tuple, list[str]] = {}
-            for v, label in zip(values, labels):
-                groups.setdefault(v, []).append(label)
-            shown = "; ".join(f"{', '.join(labs)}: {next((x for x in v if x != 'None'), '?')}"
-                              for v, labs in groups.items())
-            out.append(f"compared runs differ in {name} ({shown})")
-    return out
+def _wilson_text(wrong: int, scored: int, sep: str) -> str:
+    if not scored:
+        return "-"
+    low, high = wilson_ci(wrong, scored)
+    return f"{100 * wrong / scored:.1f}{sep}[{100 * low:.1f}, {100 * high:.1f}]{sep}n={scored}"
 
 
 def stream_frame(analysis: pd.DataFrame, runs: RunSet, labels: list[str]) -> pd.DataFrame:
@@ -221,9 +218,9 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
           f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run(s).", ""]
     md += _runs_section(runs, labels, errors)
     md += _error_section(runs, labels, errors, results, out_dir)
-    md += _stream_section(stream, single, out_dir)
+    md += _stream_section(stream, single, out_dir, models_text(runs))
     md += _cache_section(runs, labels, stream, results, out_dir)
-    md += _timing_section(stream, single, out_dir)
+    md += _timing_section(stream, single, out_dir, models_text(runs))
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     return path
@@ -237,12 +234,15 @@ def _runs_section(runs: RunSet, labels: list[str], errors: pd.DataFrame) -> list
     per_run["error"] = per_run["wrong"] / per_run["scored"].replace(0, np.nan)
     overview = pd.DataFrame([{
         "label": label, "run_id": meta["run_id"], "model": model_label(meta), "experiment": meta.get("experiment"),
+        "streams": _streams(meta),
         "tag": meta.get("tag") or "-",
         "status": meta.get("status"), "predict_from": meta.get("predict_from"), "rows": int(counts["n"]),
         "error rows": int(counts["error_rows"]), "error %": 100 * counts["error"],
     } for meta, label, (_, counts) in zip(runs, labels, per_run.iterrows())])
     md += ["## Runs", "", md_table(overview), ""]
-    warnings = comparison_warnings(list(runs), labels) if len(runs) > 1 else []
+    domains = {rid: set(g["domain"]) for rid, g in errors[errors["scored"] > 0].groupby("run_id", sort=False)}
+    warnings = comparison_warnings(list(runs), labels, [domains.get(m["run_id"], set()) for m in runs]) \
+        if len(runs) > 1 else []
     if warnings:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -251,6 +251,14 @@ def _runs_section(runs: RunSet, labels: list[str], errors: pd.DataFrame) -> list
     if unfinished:
         md += [f"**Note:** {'; '.join(unfinished)}: figures show the parts written so far.", ""]
     return md
+
+
+def _streams(meta: dict[str, Any]) -> str:
+    """How many independent streams a run's numbers are made of (run.json `protocol`, issue 23)."""
+    proto = meta.get("protocol")
+    if not proto:
+        return f"{(meta.get('counts') or {}).get('shards', '?')} shard(s)?"
+    return f"{proto.get('independent_streams')}" + ("" if proto.get("order_matters") else " (order-free)")
 
 
 def _error_section(runs: RunSet, labels: list[str], errors: pd.DataFrame, results: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -263,13 +271,12 @@ def _error_section(runs: RunSet, labels: list[str], errors: pd.DataFrame, result
         table = wide(errors, value, labels)
         percent = value == "error"
         cells = error_cell_texts(errors, labels, sep="\n") if percent else None
-        if cells is not None:  # the heat map's mean column is the pooled error, as its text says
-            table["mean"] = errors.groupby("label", sort=False)["wrong"].sum() / errors.groupby("label", sort=False)["scored"].sum().replace(0, np.nan)
-        heatmap(table, "error per domain (%), 95% interval, n" if percent else "bits per byte per domain", percent,
-                 out_dir / "error_by_domain.png", texts=cells)
+        heatmap(table, ("error per domain (%), 95% interval, n" if percent else "bits per byte per domain")
+                + f"\nmodel: {models_text(runs)}", percent, out_dir / "error_by_domain.png", texts=cells)
         md += ["![error per domain](error_by_domain.png)", "",
                ("Error % per domain with its 95% Wilson interval over the run's samples and n (scored rows); "
-                "`mean` pools a run's scored rows." if percent else "Bits per byte per domain."), "",
+                f"{MEAN_DEFINITION}, with a bootstrap interval over each domain's samples; domains in stream order."
+                if percent else "Bits per byte per domain."), "",
                md_table(error_cell_texts(errors, labels).reset_index()) if percent else md_table(table, index=True), ""]
         if percent and "bits_per_byte" in errors:
             md += ["Bits per byte:", "", md_table(wide(errors, "bits_per_byte", labels), index=True), ""]
@@ -278,10 +285,10 @@ def _error_section(runs: RunSet, labels: list[str], errors: pd.DataFrame, result
     return md
 
 
-def _stream_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[str]:
+def _stream_section(stream: pd.DataFrame, single: bool, out_dir: Path, model: str) -> list[str]:
     """Adaptation loss and class entropy along the stream."""
     md = ["## Along the stream", ""]
-    if stream_plot(stream, single, out_dir / "stream.png"):
+    if stream_plot(stream, single, out_dir / "stream.png", model):
         md += ["![loss and class entropy along the stream](stream.png)", "",
                "Top: adaptation loss at the first step of each batch (the loss before that batch's update"
                + ("; dashed: last step" if "steps" in stream and (stream["steps"].fillna(0) > 1).any() else "")
@@ -301,14 +308,14 @@ def _cache_section(runs: RunSet, labels: list[str], stream: pd.DataFrame, result
                "counters): plot skipped.", ""]
     else:
         cache.to_csv(out_dir / "cache.csv", index=False)
-        cache_plot(stream, cache, out_dir / "cache.png")
+        cache_plot(stream, cache, out_dir / "cache.png", models_text(runs))
         md += ["![cache hit rate along the stream](cache.png)", "", md_table(cache), "",
                "Counters come from summary.json; `queries_from_cache` from analysis `used_cache`; `rows_*` count "
                "results by `adapter_source`.", ""]
     return md
 
 
-def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[str]:
+def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path, model: str) -> list[str]:
     """Milliseconds per sample in each stage."""
     md = ["## Time per stage", ""]
     by = "shard" if single else "label"
@@ -318,7 +325,7 @@ def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[s
         md += ["No timing recorded: plot skipped.", ""]
     else:
         timing.to_csv(out_dir / "timing.csv", index=False)
-        timing_plot(timing, by, out_dir / "timing.png")
+        timing_plot(timing, by, out_dir / "timing.png", model)
         md += ["![time per stage](timing.png)", "", "Milliseconds per sample, summed over batches"
                + (" per shard." if single else " per run.") + " `other` is `timing_total` minus the stages.", "",
                md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
@@ -326,9 +333,17 @@ def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path) -> list[s
 
 
 def write_reports(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
-    """A report in each RUN_DIR/report/, plus a comparison (to `out`, else the first run's report/compare/)."""
+    """Without `out`: a report in each RUN_DIR/report/, plus a comparison in the first run's
+    report/compare/. With `out`, nothing is written into the run directories read: one run's report
+    goes to `out`, several runs' comparison to `out` and each run's own report to `out/<run_id>/`."""
     runs = RunSet.from_dirs(run_dirs)
-    written = [render(runs[i:i + 1], runs.path(i) / REPORT_DIR, runs[i]["run_id"]) for i in range(len(runs))]
+    if out is not None and len(runs) == 1:
+        return [render(runs, Path(out), runs[0]["run_id"])]
+
+    def own(i: int) -> Path:
+        return Path(out) / runs[i]["run_id"] if out is not None else runs.path(i) / REPORT_DIR
+
+    written = [render(runs[i:i + 1], own(i), runs[i]["run_id"]) for i in range(len(runs))]
     if len(runs) > 1:
         target = Path(out) if out is not None else runs.path(0) / REPORT_DIR / "compare"
         written.append(render(runs, target, f"comparison of {len(runs)} runs"))

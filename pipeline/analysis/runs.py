@@ -229,7 +229,7 @@ def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None
     String filters match run.json's top-level field exactly (a list matches any of its values);
     `config` maps dotted paths into the resolved config to values (`{"ttt.lr": 1e-3}`); `since`
     keeps runs started at or after it (datetime or ISO string, naive means UTC). Directories
-    without a readable run.json are skipped with a warning.
+    with an unreadable run.json are skipped with a warning; those without one are not runs.
     """
     root = Path(root)
     if not root.is_dir():
@@ -238,6 +238,8 @@ def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None
     since_utc = None if since is None else _as_utc(since)
     found = []
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (run_dir / RUN_FILE).exists():  # not a run directory (an MLflow store, a notebook's folder)
+            continue
         try:
             meta = _read_run_json(run_dir)
         except (OSError, ValueError) as exc:

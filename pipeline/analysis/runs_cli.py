@@ -9,9 +9,10 @@ import warnings
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from pipeline.analysis.runs import SUMMARY_FILE, RunSet, query_runs, run_labels
-from ttt.methods import METHODS
+from ttt.config import TTTConfig
 
 
 def _config_filter(pairs: list[str]) -> dict[str, Any]:
@@ -78,6 +79,12 @@ def _select(runs: RunSet, wanted: list[str]) -> RunSet:
     return RunSet(chosen)
 
 
+# A method's knobs live in the ttt block named after it (ttt.cotta.*); read from the config's fields,
+# not the method registry, so `runs show` imports no torch. `guards` is shared by every method.
+_METHOD_SECTIONS = [name for name, f in TTTConfig.model_fields.items() if name != "guards"
+                    and isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     runs = _select(_query(args), [args.run])
     meta, summary = runs[0], runs.summary(0) or {}
@@ -89,7 +96,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     lines.append(f"{'versions':<13}{json.dumps(meta.get('versions'))}")
     ttt = dict((meta.get("config") or {}).get("ttt") or {})
     # Method sub-sections of other methods (cotta.* on a tent run) only add noise.
-    for section in METHODS:  # every method's config block is named after the method
+    for section in _METHOD_SECTIONS:  # every method's config block is named after the method
         if section != meta.get("method"):
             ttt.pop(section, None)
     flat = pd.json_normalize(ttt, sep=".").iloc[0].to_dict() if ttt else {}

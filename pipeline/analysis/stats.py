@@ -8,6 +8,10 @@
   p-value from the bootstrap distribution.
 - `mcnemar`: McNemar's test on the discordant pairs (b: A right and B wrong, c: A wrong and B right);
   exact binomial below 25 discordant pairs, else chi-square with continuity correction (Edwards).
+- `hierarchical_bootstrap`: a campaign cell's error over seeds AND samples (seeds resampled, then
+  each domain's samples within them), bounded to [0, 1]; what the campaign table reports.
+- `holm`, `format_p`, `win_tie_loss`: a campaign's many comparisons corrected together, p-values
+  printed as `< 0.001` rather than `0.00`, and a method's record against a named baseline.
 """
 from __future__ import annotations
 
@@ -98,3 +102,62 @@ def mcnemar(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | 
     stat = (abs(b - c) - 1) ** 2 / n
     return {"n": int(len(a)), "b": b, "c": c, "statistic": float(stat),
             "p_value": float(_st.chi2.sf(stat, 1)), "exact": False}
+
+
+# --------------------------------------------------------------------- seeds and samples together
+
+def hierarchical_bootstrap(wrong: np.ndarray, n: np.ndarray, *, n_resamples: int = 10_000,
+                           confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(error, low, high) of a mean-over-domains error rate averaged over seeds, with a percentile
+    interval from a two-level bootstrap: resample the seeds (with replacement), then within each
+    drawn seed resample each domain's samples (a binomial draw of its observed error rate: the
+    bootstrap of 0/1 outcomes). `wrong` and `n` are (seeds x domains) counts. The interval thus
+    widens with seed-to-seed spread AND with few samples, never leaves [0, 1], and with one seed
+    is the samples-only interval. NaN where no seed has scored samples."""
+    wrong, n = np.atleast_2d(np.asarray(wrong, dtype=float)), np.atleast_2d(np.asarray(n, dtype=float))
+    if wrong.shape != n.shape:
+        raise ValueError(f"wrong and n differ in shape: {wrong.shape} vs {n.shape}")
+    keep = (n > 0).all(axis=1)
+    wrong, n = wrong[keep], n[keep]
+    if len(n) == 0:
+        return math.nan, math.nan, math.nan
+    rates = wrong / n
+    point = float(rates.mean(axis=1).mean())
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, len(n), size=(n_resamples, len(n)))            # level 1: which seeds
+    draws = rng.binomial(n[seeds].astype(np.int64), rates[seeds]) / n[seeds]  # level 2: samples per domain
+    boot = draws.mean(axis=2).mean(axis=1)
+    alpha = 1 - confidence
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return point, float(max(0.0, low)), float(min(1.0, high))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of `p_values`, in their order: the i-th
+    smallest p is multiplied by (m - i) (i from 0), made monotone, capped at 1. NaN stays NaN
+    and does not count as a comparison."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+def format_p(p: float) -> str:
+    """A p-value as text: `< 0.001` below 0.001 (a bootstrap p of 0 means 'below its resolution'), else 3 decimals."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def win_tie_loss(diffs: Sequence[float], p_adjusted: Sequence[float], alpha: float = 0.05) -> tuple[int, int, int]:
+    """(wins, ties, losses) of a method against a baseline over comparisons with error differences
+    `diffs` (method - baseline) and adjusted p-values: a win is lower error at p < alpha, a loss
+    higher error at p < alpha, anything else a tie."""
+    wins = sum(1 for d, p in zip(diffs, p_adjusted) if p < alpha and d < 0)
+    losses = sum(1 for d, p in zip(diffs, p_adjusted) if p < alpha and d > 0)
+    return wins, len(list(diffs)) - wins - losses, losses

@@ -9,7 +9,7 @@ selection, and its cells become child runs (`mlflow.parentRunId`) named by their
 their own report/ only where `python -m pipeline report` wrote one).
 
 Where to: a tracking URI (`http://...`, `sqlite:///...`, `databricks`), or by default a local
-file store `<output_root>/mlruns`. MLflow 3 refuses file stores unless `MLFLOW_ALLOW_FILE_STORE`
+file store `<output_root>/.mlruns` (the dot: the run registry never takes it for a run). MLflow 3 refuses file stores unless `MLFLOW_ALLOW_FILE_STORE`
 is set; the export sets it for file URIs only, since a local store is what a laptop user wants and
 the database backends need the full `mlflow` package (this project pins `mlflow-skinny`).
 Exporting the same run twice is a no-op: a run already there (tag `ttt.run_id`) is skipped.
@@ -30,8 +30,65 @@ BATCH_PARAMS = 100
 PARAM_MAX = 500  # MLflow caps param values (6,000 chars in MLflow 3); long lists are cut, not refused
 
 
+STORE_DIR = ".mlruns"  # under output_root; the dot keeps the run registry from reading it as a run
+ONLINE_POINTS = 200  # step metrics along the stream per run, at most
+
+
 def default_uri(output_root: str | Path) -> str:
-    return (Path(output_root).resolve() / "mlruns").as_uri()
+    return (Path(output_root).resolve() / STORE_DIR).as_uri()
+
+
+def run_params(meta: dict[str, Any]) -> dict[str, str]:
+    """The resolved config as dotted params, without the knobs of methods that did not run
+    (`ttt.cotta.*` on a Tent run), and `ttt.predict_from` as the run resolved it."""
+    from ttt.config import TTTConfig
+
+    config = json.loads(json.dumps(meta.get("config") or {}))
+    ttt = config.get("ttt") or {}
+    method = meta.get("method")
+    for name, field in TTTConfig.model_fields.items():
+        annotation = field.annotation
+        if name not in ("guards", method) and isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            ttt.pop(name, None)
+    if meta.get("predict_from"):
+        ttt["predict_from"] = meta["predict_from"]
+    return flat_params(config)
+
+
+def run_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """Setting, seed, model and the number of independent streams, as tags to filter on."""
+    from pipeline.analysis.plots import model_label
+
+    proto = meta.get("protocol") or {}
+    setting = proto.get("setting") or (meta.get("manifest_meta") or {}).get("setting")
+    tags = {"ttt.setting": str(setting or "unknown"), "ttt.seed": str(((meta.get("config") or {}).get("ttt") or {}).get("seed")),
+            "ttt.model_label": model_label(meta)}
+    if proto:
+        tags["ttt.streams"] = str(proto.get("independent_streams"))
+    return tags
+
+
+def online_metrics(run_dir: Path, stamp: int) -> list[Any]:
+    """`error/online`: the error of each stretch of the stream (shards in order, ~ONLINE_POINTS
+    stretches), with step = rows into the stream at its end: how adaptation moves along it."""
+    from mlflow.entities import Metric
+
+    runs = RunSet.from_dirs([run_dir])
+    if "position" not in runs.schema("results").names:
+        return []
+    results = runs.results(["shard", "position", "correct"]).sort_values(["shard", "position"], kind="stable")
+    scored = results["correct"].notna().to_numpy()
+    wrong = (results["correct"] == False).to_numpy()  # noqa: E712  (nullable booleans)
+    n = len(results)
+    if not scored.any():
+        return []
+    size = max(1, -(-n // ONLINE_POINTS))
+    out = []
+    for start in range(0, n, size):
+        k = int(scored[start:start + size].sum())
+        if k:
+            out.append(Metric("error/online", float(wrong[start:start + size].sum() / k), stamp, min(n, start + size)))
+    return out
 
 
 def _client(uri: str) -> Any:
@@ -89,7 +146,7 @@ def export_run(client: Any, experiment_id: str, run_dir: str | Path, *, name: st
     if found:
         return found
     tags = {RUN_TAG: meta["run_id"], "ttt.method": str(meta.get("method")), "ttt.status": str(meta.get("status")),
-            "ttt.model": str(meta.get("model")), "mlflow.runName": name or meta["run_id"]}
+            "ttt.model": str(meta.get("model")), "mlflow.runName": name or meta["run_id"], **run_tags(meta)}
     if meta.get("tag"):
         tags["ttt.campaign"] = str(meta["tag"])
     if parent:
@@ -99,11 +156,16 @@ def export_run(client: Any, experiment_id: str, run_dir: str | Path, *, name: st
     rid = run.info.run_id
     from mlflow.entities import Metric, Param
 
-    params = [Param(k, v) for k, v in flat_params(meta.get("config") or {}).items()]
+    params = [Param(k, v) for k, v in run_params(meta).items()]
     stamp = int(time.time() * 1000)
     metrics = [Metric(k, v, stamp, 0) for k, v in run_metrics(summary).items()]
     for i in range(0, max(len(params), 1), BATCH_PARAMS):  # log_batch takes at most 100 params a call
         client.log_batch(rid, metrics=metrics if i == 0 else [], params=params[i:i + BATCH_PARAMS])
+    online = online_metrics(Path(run_dir), stamp)
+    for i in range(0, len(online), 1000):  # log_batch takes at most 1000 metrics a call
+        client.log_batch(rid, metrics=online[i:i + 1000])
+    if (Path(run_dir) / "summary.json").is_file():
+        client.log_artifact(rid, str(Path(run_dir) / "summary.json"))
     report = Path(run_dir) / REPORT_DIR
     if render and not (report / "report.md").is_file():
         write_reports([run_dir])
@@ -139,9 +201,8 @@ def export_campaign(campaign: Any, tracking_uri: str | None = None) -> str:
     for cell in campaign.cells:
         run_dir = campaign.root / cell["run_id"]
         if (run_dir / "run.json").is_file():
-            # cells carry params and metrics (and a report if one was written); the campaign's report,
-            # on the parent, is what compares them: rendering every cell's plots would dominate the export
-            export_run(client, exp, run_dir, name=cell["name"], parent=parent, render=False,
+            # each cell carries its params, metrics, summary.json and its own report (written when missing)
+            export_run(client, exp, run_dir, name=cell["name"], parent=parent, render=True,
                        extra_tags={"ttt.role": cell["role"], "ttt.cell": cell["name"],
                                    "ttt.grid_point": str(cell.get("hp_name") or "-")})
     return uri

@@ -63,6 +63,9 @@ def manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.1, help="correlated: Dirichlet concentration (0 = sorted by label)")
     p.add_argument("--slots", type=int, default=None, help="correlated: time slots (default min(classes, 100), as RoTTA)")
     p.add_argument("--mix-domains", action="store_true", help="correlated: over all domains shuffled together")
+    p.add_argument("--folder-order", choices=("shuffled", "class-sorted"), default="shuffled",
+                   help="folder: rows in a seeded shuffle by --order-seed (default) or class by class (every batch "
+                        "one class: the worst case for BatchNorm and Tent)")
     p.add_argument("--gradual-all-rising", action="store_true",
                    help="gradual: every corruption 1..5..1 (mariodoebler), not CoTTA's 5..1 first")
     p.add_argument("--imbalance-ratio", type=float, default=10.0,
@@ -104,6 +107,7 @@ def manifest_main(argv: list[str]) -> int:
         }
         if args.layout == "folder":
             options["domain"] = args.domain
+            options["order"], options["order_seed"] = args.folder_order, args.order_seed
         else:
             options["corruptions"] = _corruption_list(args.corruptions)
             options["severities"] = _ints(args.severities, "--severities")
@@ -122,8 +126,11 @@ def manifest_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     expect = "true" if meta["reset_on_domain_change"] else "false"
+    order = meta.get("source", {}).get("order_note")
     print(f"wrote {meta['rows']} rows, {len(meta['domains'])} domains, setting {meta['setting']} to {path}\n"
-          f"run it with --set data.manifest={path} --set ttt.reset_on_domain_change={expect}", flush=True)
+          + (f"{order}\n" if order else "")
+          + f"run it with --set data.manifest={path} --set ttt.reset_on_domain_change={expect} "
+          "--set workers.num_shards=1  (one stream; N shards are N independent streams)", flush=True)
     return 0
 
 
@@ -146,6 +153,9 @@ def corrupt_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=None, help="cap on concurrent Ray tasks (default: what the cluster fits)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Ray task")
+    p.add_argument("--with-held-out", action="store_true",
+                   help="also put the 4 held-out validation corruptions into manifest.parquet (default: they get "
+                        "manifest_held_out.parquet, so the test stream never holds them)")
     return p
 
 
@@ -178,12 +188,17 @@ def corrupt_main(argv: list[str]) -> int:
 
         init_ray()
         manifest = generate(source, args.out, corruptions=corruptions, severities=severities, layout=args.layout,
-                            seed=args.seed, num_workers=args.num_workers, batch_size=args.batch_size)
+                            seed=args.seed, num_workers=args.num_workers, batch_size=args.batch_size,
+                            include_held_out=args.with_held_out)
     except (CorruptError, LayoutError, SettingError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     n = len(source) * len(corruptions) * len(severities)
     skipped = f"; skipped {len(source.skipped)} clean image(s) (see corrupt.json)" if source.skipped else ""
     print(f"wrote {n} corrupted images ({len(corruptions)} corruptions x {len(severities)} severities x "
-          f"{len(source)}) to {args.out}; manifest {manifest}{skipped}", flush=True)
+          f"{len(source)}) to {args.out}; test manifest {manifest}{skipped}"
+          + ("" if args.with_held_out or not (set(corruptions) & set(HELD_OUT_CORRUPTIONS)) or
+             set(corruptions) <= set(HELD_OUT_CORRUPTIONS) else
+             f" (without the held-out {', '.join(sorted(set(corruptions) & set(HELD_OUT_CORRUPTIONS)))}: "
+             f"manifest_held_out.parquet; --with-held-out to include them)"), flush=True)
     return 0

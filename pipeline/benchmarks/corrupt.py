@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.benchmarks.layouts import ALL_CORRUPTIONS, SEVERITIES, build_manifest
+from pipeline.benchmarks.layouts import ALL_CORRUPTIONS, HELD_OUT_CORRUPTIONS, SEVERITIES, build_manifest
 from pipeline.benchmarks.sources import (  # noqa: F401 - the sources are part of this module's interface
     MAX_PIXELS,
     MIN_SIDE,
@@ -187,8 +187,12 @@ def _quiet_ray_data() -> None:
 
 def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str] = ALL_CORRUPTIONS,
              severities: Sequence[int] = SEVERITIES, layout: str = "cifar-c", seed: int = 0,
-             num_workers: int | None = None, batch_size: int = 64) -> Path:
-    """Corrupt every image of `source` with each corruption x severity into `out`; returns the manifest."""
+             num_workers: int | None = None, batch_size: int = 64, include_held_out: bool = False) -> Path:
+    """Corrupt every image of `source` with each corruption x severity into `out`; returns the manifest.
+
+    The test manifest (`<out>/manifest.parquet`) leaves the 4 held-out validation corruptions out
+    (hyperparameters chosen on them would leak into the test numbers) unless `include_held_out` or
+    only held-out ones were asked for; they get `<out>/manifest_held_out.parquet` of their own."""
     check_selection(corruptions, severities)
     if len(source) == 0:
         why = f" ({len(source.skipped)} skipped, e.g. {next(iter(source.skipped.values()))})" if source.skipped else ""
@@ -199,7 +203,7 @@ def generate(source: CleanSource, out: str | Path, *, corruptions: Sequence[str]
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return _generate(source, out, corruptions, severities, layout, seed, num_workers, batch_size)
+        return _generate(source, out, corruptions, severities, layout, seed, num_workers, batch_size, include_held_out)
     except BaseException as exc:  # never a partial output: what this call wrote goes
         shutil.rmtree(out, ignore_errors=True) if created else [_remove(p) for p in out.iterdir()]
         if isinstance(exc, OSError):
@@ -227,7 +231,7 @@ def _remove(path: Path) -> None:
 
 
 def _generate(source: CleanSource, out: Path, corruptions: Sequence[str], severities: Sequence[int], layout: str,
-              seed: int, num_workers: int | None, batch_size: int) -> Path:
+              seed: int, num_workers: int | None, batch_size: int, include_held_out: bool) -> Path:
     _quiet_ray_data()
     t0 = time.perf_counter()
     if layout == "cifar-c":
@@ -249,8 +253,13 @@ def _generate(source: CleanSource, out: Path, corruptions: Sequence[str], severi
     options = {"corruptions": list(corruptions), "severities": list(severities)}
     if layout == "files":
         options["classes"] = "imagenet" if source.description.get("labels") == "imagenet" else source.classes
-    manifest, _ = build_manifest("cifar-c" if layout == "cifar-c" else "imagenet-c", out, out / "manifest.parquet",
-                                 **options)
+    kind = "cifar-c" if layout == "cifar-c" else "imagenet-c"
+    held = [c for c in corruptions if c in HELD_OUT_CORRUPTIONS]
+    test = list(corruptions) if include_held_out or len(held) == len(corruptions) else \
+        [c for c in corruptions if c not in HELD_OUT_CORRUPTIONS]
+    manifest, _ = build_manifest(kind, out, out / "manifest.parquet", **{**options, "corruptions": test})
+    if set(held) - set(test):
+        build_manifest(kind, out, out / "manifest_held_out.parquet", **{**options, "corruptions": held})
     return manifest
 
 

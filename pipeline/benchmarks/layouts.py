@@ -268,9 +268,13 @@ def class_indices(found: Sequence[str], classes: Sequence[str] | str | None = No
 
 def folder_pool(root: str | Path, per_domain: int | None = None, subset: str = "first", seed: int = 0,
                 subset_keys: Sequence[str] | None = None, classes: Sequence[str] | None = None,
-                domain: str | None = None) -> pa.Table:
+                domain: str | None = None, order: str = "shuffled", order_seed: int = 0) -> pa.Table:
     """A plain class-folder image set as one domain (named `domain`, default the folder's name);
-    corruption is the domain name, severity 0."""
+    corruption is the domain name, severity 0. `order`: `shuffled` (default) puts the rows in a
+    seeded random order (`order_seed`); `class-sorted` keeps ImageFolder's class-by-class order,
+    where every batch holds one class (the worst case for BatchNorm statistics and Tent)."""
+    if order not in ("shuffled", "class-sorted"):
+        raise LayoutError(f"folder order must be shuffled or class-sorted, got {order!r}")
     root = Path(root).resolve()
     classes, class_index = class_indices(class_folders(root), classes)
     listing = list_images(root, classes)
@@ -278,6 +282,8 @@ def folder_pool(root: str | Path, per_domain: int | None = None, subset: str = "
         raise LayoutError(f"no images in class folders under {root}")
     name = domain or root.name
     keys = [listing[i] for i in choose_subset(listing, per_domain, subset, seed, subset_keys)]
+    if order == "shuffled":
+        keys = [keys[i] for i in np.random.default_rng(order_seed).permutation(len(keys))]
     cols = {
         "sample_id": [f"{name}/{k}" for k in keys], "path": [str(root / k) for k in keys],
         "label": [class_index[k.split("/", 1)[0]] for k in keys], "domain": [name] * len(keys),
@@ -330,6 +336,11 @@ def build_manifest(layout: str, root: str | Path, out: str | Path, *, setting: s
     table, meta = apply_setting(pool, setting, **(setting_params or {}))
     source = {k: v for k, v in options.items() if k != "subset_keys"}
     source.update(layout=layout, root=str(Path(root).resolve()), n_subset_keys=len(options.get("subset_keys") or []))
+    if layout == "folder":
+        source["order_note"] = ("rows in a seeded shuffle (--order-seed "
+                                f"{options.get('order_seed', 0)}); --folder-order class-sorted for class by class"
+                                if options.get("order", "shuffled") == "shuffled" else
+                                "rows class by class (--folder-order class-sorted): every batch holds one class")
     meta["source"] = source
     meta["rows"] = table.num_rows
     try:

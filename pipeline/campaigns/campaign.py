@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.plots import heatmap, md_table, model_label
-from pipeline.analysis.report import comparison_warnings
+from pipeline.analysis.compare import comparison_warnings
+from pipeline.analysis.plots import model_label
 from pipeline.analysis.runs import RunSet
-from pipeline.analysis.stats import mcnemar, mean_ci, paired_bootstrap
+from pipeline.analysis.stats import hierarchical_bootstrap, holm, mcnemar, paired_bootstrap, win_tie_loss
+from pipeline.campaigns.campaign_report import write_report
 
 METHOD_AXIS, SETTING_AXIS = "method", "setting"
+TABLE_COLUMNS = ["method", "choice", "hp", "setting", "domain", "model", "n_seeds", "n_per_seed", "error", "ci_low",
+                 "ci_high", "few_seeds", "seeds"]
+WIN_COLUMNS = ["method", "baseline", "cells", "wins", "ties", "losses"]
 CAMPAIGNS_DIR = ".campaigns"  # under output_root; the dot keeps query_runs from reading it as a run
 
 
@@ -146,32 +148,43 @@ class Campaign:
         return pd.concat(parts, ignore_index=True) if parts else test.iloc[:0]
 
     # -------------------------------------------------------------------------- table
-    def table(self) -> pd.DataFrame:
-        """Long table: label x setting x domain: mean test error over seeds and its 95% interval."""
+    def table(self, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+        """Long table: label x setting x domain test error: the mean over seeds (of each seed's error;
+        for `mean`, of each seed's mean over domains) with a 95% interval from a bootstrap that
+        resamples seeds, then samples within them (stats.hierarchical_bootstrap), so it is never
+        zero-width for a deterministic method and never leaves [0, 100]; `few_seeds` flags n_seeds < 3."""
         chosen = self._chosen_tests()
         rows = []
-        for (label, setting, domain), g in chosen.groupby(["label", "setting", "domain"], sort=False):
-            mean, low, high, n = mean_ci(g["error"].tolist())
-            rows.append({"method": label, "choice": g["choice"].iloc[0], "hp": g["hp"].iloc[0],
-                         "setting": setting, "domain": domain, "model": ", ".join(sorted(set(g["model"].dropna()))),
-                         "n_seeds": n, "n_per_seed": int(g["n"].median()), "error": mean, "ci_low": low,
-                         "ci_high": high, "seeds": ";".join(f"{s}:{e:.4f}" for s, e in zip(g["seed"], g["error"]))})
-        return pd.DataFrame(rows, columns=["method", "choice", "hp", "setting", "domain", "model", "n_seeds",
-                                           "n_per_seed", "error", "ci_low", "ci_high", "seeds"])
+        for (label, setting), group in chosen.groupby(["label", "setting"], sort=False):
+            per = group[group["domain"] != "mean"]
+            domains = list(dict.fromkeys(per["domain"]))
+            wide_n = per.pivot_table(index="seed", columns="domain", values="n", sort=False).reindex(columns=domains)
+            wide_w = (per.assign(w=per["error"] * per["n"])
+                      .pivot_table(index="seed", columns="domain", values="w", sort=False).reindex(columns=domains))
+            for domain in [*domains, "mean"]:
+                cols = domains if domain == "mean" else [domain]
+                n, w = wide_n[cols].dropna(), wide_w[cols].dropna()
+                err, low, high = hierarchical_bootstrap(w.round().to_numpy(), n.to_numpy(),
+                                                        n_resamples=n_resamples, seed=seed)
+                g = group[group["domain"] == domain]
+                n_seeds = len(n)
+                rows.append({"method": label, "choice": g["choice"].iloc[0], "hp": g["hp"].iloc[0],
+                             "setting": setting, "domain": domain,
+                             "model": ", ".join(sorted(set(g["model"].dropna()))), "n_seeds": n_seeds,
+                             "n_per_seed": int(g["n"].median()), "error": err, "ci_low": low, "ci_high": high,
+                             "few_seeds": n_seeds < 3,
+                             "seeds": ";".join(f"{s}:{e:.4f}" for s, e in zip(g["seed"], g["error"]))})
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
     def pairs(self, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
-        """Paired tests between the table's methods (selected choices) per setting, pooled over seeds."""
+        """Paired tests between the table's methods (selected choices) per setting, pooled over seeds;
+        `p_holm` / `p_mcnemar_holm` are Holm-adjusted over every pair of the campaign."""
         chosen = self._chosen_tests()
         chosen = chosen[(chosen["domain"] == "mean") & chosen["choice"].isin(["-", "selected"])]
         if chosen.empty:
             return pd.DataFrame()
-        results = self.runs("test").results(["run_id", "sample_id", "correct"])
-        results = results[results["run_id"].isin(set(chosen["run_id"]))]
-        results = results.merge(chosen[["run_id", "label", "setting", "seed"]], on="run_id")
         rows = []
-        for setting, g in results.groupby("setting", sort=False):
-            labels = list(dict.fromkeys(chosen.loc[chosen["setting"] == setting, "label"]))
-            wide = g.pivot_table(index=["seed", "sample_id"], columns="label", values="correct", aggfunc="first")
+        for setting, wide, labels in self._paired(chosen):
             for a, b in itertools.combinations(labels, 2):
                 both = wide[[a, b]].dropna()  # error rows (null correct) drop out of the pair
                 if both.empty:
@@ -183,110 +196,68 @@ class Campaign:
                              "error_b": float((~cb).mean()), "diff": boot["diff"], "ci_low": boot["low"],
                              "ci_high": boot["high"], "p_bootstrap": boot["p_value"], "mcnemar_b": mc["b"],
                              "mcnemar_c": mc["c"], "p_mcnemar": mc["p_value"], "mcnemar_exact": mc["exact"]})
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if not frame.empty:
+            frame["p_holm"] = holm(frame["p_bootstrap"].tolist())
+            frame["p_mcnemar_holm"] = holm(frame["p_mcnemar"].tolist())
+        return frame
+
+    def _paired(self, chosen: pd.DataFrame):
+        """Per setting: (setting, samples x labels of `correct`, labels in table order)."""
+        results = self.runs("test").results(["run_id", "sample_id", "domain", "correct"])
+        results = results[results["run_id"].isin(set(chosen["run_id"]))]
+        results = results.merge(chosen[["run_id", "label", "setting", "seed"]], on="run_id")
+        for setting, g in results.groupby("setting", sort=False):
+            labels = list(dict.fromkeys(chosen.loc[chosen["setting"] == setting, "label"]))
+            yield setting, g.pivot_table(index=["seed", "domain", "sample_id"], columns="label", values="correct",
+                                         aggfunc="first", sort=False), labels
+
+    def wins(self, baseline: str | None = None, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+        """Win / tie / loss of every method against `baseline` (default `source` when the campaign has
+        it, else the first row) over the (setting, domain) cells: a paired bootstrap per cell, Holm
+        over all of the campaign's cells, a win when the method's error is lower at adjusted p < 0.05."""
+        chosen = self._chosen_tests()
+        chosen = chosen[(chosen["domain"] == "mean") & chosen["choice"].isin(["-", "selected"])]
+        if chosen.empty:
+            return pd.DataFrame(columns=WIN_COLUMNS)
+        labels = list(dict.fromkeys(chosen["label"]))
+        baseline = baseline or ("source" if "source" in labels else labels[0])
+        if baseline not in labels:
+            raise ValueError(f"baseline {baseline!r} is not a row of campaign {self.name}: {labels}")
+        cells = []
+        for _setting, wide, _ in self._paired(chosen):
+            if baseline not in wide:
+                continue
+            for method in [m for m in labels if m != baseline and m in wide]:
+                for _domain, g in wide[[method, baseline]].dropna().groupby(level="domain", sort=False):
+                    boot = paired_bootstrap(g[method].astype(bool).to_numpy(), g[baseline].astype(bool).to_numpy(),
+                                            n_resamples=n_resamples, seed=seed)
+                    cells.append((method, boot["diff"], boot["p_value"]))
+        adjusted = holm([p for _, _, p in cells])
+        rows = []
+        for method in [m for m in labels if m != baseline]:
+            mine = [(d, p) for (m, d, _), p in zip(cells, adjusted) if m == method]
+            w, t, lose = win_tie_loss([d for d, _ in mine], [p for _, p in mine])
+            rows.append({"method": method, "baseline": baseline, "cells": len(mine), "wins": w, "ties": t,
+                         "losses": lose})
+        return pd.DataFrame(rows, columns=WIN_COLUMNS)
 
     def warnings(self) -> list[str]:
-        """Compared test runs (same setting and seed) that differ in manifest, model or batch size."""
+        """Compared test runs (same setting and seed) whose protocols differ (pipeline.analysis.compare):
+        manifest, model, batch size, setting, independent streams, predict_from, domain set."""
         chosen = self._chosen_tests()
+        domains = {r: set(g["domain"]) for r, g in chosen[chosen["domain"] != "mean"].groupby("run_id", sort=False)}
         chosen = chosen[chosen["domain"] == "mean"]
         runs = {m["run_id"]: m for m in self.runs("test")}
         out = []
         for (setting, seed), g in chosen.groupby(["setting", "seed"], sort=False):
             metas = [runs[r] for r in dict.fromkeys(g["run_id"]) if r in runs]
             labels = [g.loc[g["run_id"] == m["run_id"], "label"].iloc[0] for m in metas]
-            out += [f"setting {setting}, seed {seed}: {w}" for w in comparison_warnings(metas, labels)]
+            sets = [domains.get(m["run_id"], set()) for m in metas]
+            out += [f"setting {setting}, seed {seed}: {w}" for w in comparison_warnings(metas, labels, sets)]
         return out
 
-    # ------------------------------------------------------------------------- report
-    def report(self, out: str | Path | None = None) -> Path:
-        """Write the campaign's CSVs, heat map and report.md; returns report.md's path."""
-        out = Path(out) if out is not None else campaign_dir(self.root, self.name) / "report"
-        out.mkdir(parents=True, exist_ok=True)
-        table, pairs, selection = self.table(), self.pairs(), self.selection()
-        table.to_csv(out / "table.csv", index=False)
-        pairs.to_csv(out / "pairs.csv", index=False)
-        selection.to_csv(out / "selection.csv", index=False)
-        warnings = self.warnings()
-        for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        missing = [c["name"] for c in self.cells if not _finished(self.root / c["run_id"])]
-        md = [f"# Campaign {self.name}", "",
-              f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {len(self.cells)} cells "
-              f"({sum(c['role'] == 'validation' for c in self.cells)} on the validation stream).", ""]
-        if missing:
-            md += [f"**Note:** {len(missing)} cell(s) not finished: {', '.join(missing[:8])}"
-                   f"{' ...' if len(missing) > 8 else ''}; the table shows finished cells only.", ""]
-        if warnings:
-            md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
-        md += ["## Test error (%), mean over domains", "",
-               "Mean over seeds with a 95% Student-t interval; `n` = seeds x scored samples per seed. "
-               "A tuned method's row is the grid point chosen on the validation stream; `(oracle)` is the "
-               "best on test, `(default)` the config's own values.", ""]
-        if not table.empty:
-            means = table[table["domain"] == "mean"]
-            md += [md_table(_wide_text(means)), ""]
-            texts, values = _heat_frames(table)
-            heatmap(values, f"campaign {self.name}: test error (%), mean over seeds, 95% CI", True,
-                     out / "table.png", texts=texts)
-            md += ["![test error per setting and domain](table.png)", "",
-                   "Every domain: [table.csv](table.csv) (columns `n_seeds`, `n_per_seed`, `ci_low`, `ci_high`, "
-                   "`seeds`).", ""]
-        md += ["## Hyperparameter selection", "", "Chosen on the validation stream only (mean over "
-               f"{', '.join(self.over) or 'cells'}); the oracle is the best on test.", ""]
-        md += [md_table(selection.assign(validation_error=100 * selection["validation_error"],
-                                          test_error=100 * selection["test_error"])
-                         .rename(columns={"validation_error": "validation error %", "test_error": "test error %"}))
-               if not selection.empty else "No tuned methods.", ""]
-        md += ["## Paired comparisons", "", "Same samples (paired on seed and sample_id, pooled over seeds): "
-               "difference in error (a - b, %) with a paired-bootstrap 95% interval, and McNemar's test "
-               "(b: only a right, c: only b right).", ""]
-        if not pairs.empty:
-            shown = pairs.assign(**{c: 100 * pairs[c] for c in ("error_a", "error_b", "diff", "ci_low", "ci_high")})
-            md += [md_table(shown[["setting", "a", "b", "n", "error_a", "error_b", "diff", "ci_low", "ci_high",
-                                    "p_bootstrap", "mcnemar_b", "mcnemar_c", "p_mcnemar"]]), ""]
-        else:
-            md += ["No pairs (fewer than two methods finished).", ""]
-        md += ["CSV: [pairs.csv](pairs.csv), [selection.csv](selection.csv)", ""]
-        path = out / "report.md"
-        path.write_text("\n".join(md))
-        return path
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError):
-        return False
-
-
-def _cell_text(row: Any) -> str:
-    if pd.isna(row.error):
-        return "-"
-    if pd.isna(row.ci_low):
-        return f"{100 * row.error:.1f} (n={row.n_seeds}x{row.n_per_seed})"
-    return f"{100 * row.error:.1f} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] (n={row.n_seeds}x{row.n_per_seed})"
-
-
-def _wide_text(means: pd.DataFrame) -> pd.DataFrame:
-    """method rows x setting columns of 'mean [low, high] (n=seeds x samples)', plus the model."""
-    frame = means.assign(text=[_cell_text(r) for r in means.itertuples()])
-    wide = frame.pivot_table(index="method", columns="setting", values="text", aggfunc="first", sort=False)
-    wide.insert(0, "model", frame.groupby("method", sort=False)["model"].first())
-    wide.insert(1, "grid point", frame.groupby("method", sort=False)["hp"].first().fillna("-"))
-    return wide.reset_index().rename(columns={"method": "method"}).astype(str)
-
-
-def _heat_frames(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(texts, values): method rows x (setting, domain) columns, each setting's `mean` last; a cell's
-    text is the mean, the interval's half width and n (seeds x samples per seed)."""
-    t = table.assign(col=table["setting"] + "\n" + table["domain"])
-    order = []
-    for setting in dict.fromkeys(t["setting"]):
-        doms = [d for d in dict.fromkeys(t.loc[t["setting"] == setting, "domain"]) if d != "mean"] + ["mean"]
-        order += [f"{setting}\n{d}" for d in doms]
-    values = t.pivot_table(index="method", columns="col", values="error", sort=False).reindex(columns=order)
-    half = (t["ci_high"] - t["ci_low"]) / 2
-    t = t.assign(text=[("-" if pd.isna(e) else f"{100 * e:.1f}" + ("" if pd.isna(h) else f"\n±{100 * h:.1f}")
-                        + f"\nn={k}x{m}") for e, h, k, m in zip(t["error"], half, t["n_seeds"], t["n_per_seed"])])
-    texts = t.pivot_table(index="method", columns="col", values="text", aggfunc="first", sort=False)
-    return texts.reindex(index=values.index, columns=order), values
+    def report(self, out: str | Path | None = None, baseline: str | None = None) -> Path:
+        """Write the campaign's CSVs, heat map and report.md (pipeline/campaigns/campaign_report.py)."""
+        return write_report(self, Path(out) if out is not None else campaign_dir(self.root, self.name) / "report",
+                            baseline)

@@ -120,6 +120,8 @@ def config_difference(cfg: RunConfig, recorded: dict[str, Any]) -> str | None:
         if key.startswith(_IGNORED_PREFIXES) and key != "workers.num_shards":
             continue
         a, b = mine.get(key), theirs.get(key)
+        if key == "workers.num_shards" and a is None:  # unset: resolved by the job (pipeline/job/protocol.py)
+            continue
         if key in _RESOLVED:
             if a is None:
                 continue
@@ -180,11 +182,13 @@ def run_sweep(spec: SweepSpec, *, executor: Callable[..., list[Path]] = execute_
     log(f"campaign {spec.name}: {len(cells)} cells ({len(cells) - n_val} test, {n_val} validation); "
         f"{len(done)} finished already, {len(todo)} to run")
     t0 = time.perf_counter()
+    finished = [0]  # cells end out of order: count them, so the counter only goes up
 
     def progress(i: int, run_dir: Path) -> None:
+        finished[0] += 1
         elapsed = time.perf_counter() - t0
-        left = (len(todo) - i - 1) * elapsed / (i + 1)
-        log(f"cell {todo[i].name} finished ({run_dir}); campaign {len(done) + i + 1}/{len(cells)} cells, "
+        left = max(0.0, (len(todo) - finished[0]) * elapsed / finished[0])
+        log(f"cell {todo[i].run_id} finished ({run_dir}); campaign {len(done) + finished[0]}/{len(cells)} cells, "
             f"{elapsed:.0f} s so far, ~{left:.0f} s to go")
 
     if todo:
@@ -205,7 +209,7 @@ def sweep_main(argv: list[str]) -> int:
                         help="override a base config field in every cell (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                        help="also log every run to MLflow (default store: <output_root>/mlruns)")
+                        help="also log every run to MLflow (default store: <output_root>/.mlruns)")
     args = parser.parse_args(argv)
     spec = load_sweep(args.sweep, args.overrides)
     if args.dry_run:

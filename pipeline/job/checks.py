@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, ModelConfig, RunConfig
 from pipeline.embedded.resolve import ensure_kb, resolve_defaults
+from pipeline.job.protocol import resolve_shards
 from pipeline.manifest import check_manifest
 from ttt import build_method
 from ttt.methods import method_class
@@ -35,7 +36,7 @@ def prepare_run(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Run
     """`prepare`, plus what the checks learnt that the job needs: the model's number of classes
     (labels are validated against it while decoding)."""
     check_output_root(cfg.output_root)
-    cfg = resolve_defaults(cfg, log)
+    cfg = resolve_shards(resolve_defaults(cfg, log))  # num_shards unset: one stream when order matters
     check_manifest(cfg.data.manifest, cfg.model.kind)
     cfg, adapter = check_model_loads(cfg)
     if cfg.ttt.method == "nn":
@@ -69,7 +70,10 @@ def check_model_loads(cfg: RunConfig) -> tuple[RunConfig, Any]:
         raise ConfigError(str(exc)) from None
     if cfg.model.kind == "image_classifier":
         check_image_shape(cfg, adapter)
-    cls = method_class(cfg.ttt.method, cfg.model.kind)
+    try:
+        cls = method_class(cfg.ttt.method, cfg.model.kind)  # a `pkg.mod:Class` reference is imported and checked here
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     missing = [h for h in cls.required_hooks if not adapter.has_hook(h)]
     if missing:
         raise ConfigError(f"ttt.method={cfg.ttt.method} needs hook(s) {missing} that model {cfg.model.factory} "

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.job.metrics import add_metrics
+from pipeline.job.protocol import streams_text
 from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, results_schema, to_table
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -299,7 +300,8 @@ def format_summary(run_dir: Path) -> str:
         lines.append(f"{domain:<16}{d['n']:>7}{err:>10}" + (f"{d.get('bits_per_byte', float('nan')):>11.4f}" if lm else ""))
     per = [d["error"] for d in summary["per_domain"].values() if d["error"] is not None]
     if per:
-        lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}")
+        lines.append(f"{'mean':<16}{'':>7}{100 * sum(per) / len(per):>10.2f}  (mean over domains, each domain "
+                     "weighs the same)")
     o = summary["overall"]
     if o.get("bits_per_byte") is not None:
         lines.append(f"bits per byte {o['bits_per_byte']:.4f} (all scored bytes)")
@@ -308,6 +310,8 @@ def format_summary(run_dir: Path) -> str:
         c = summary["cache"]
         lines.append(f"adapter cache: hit rate {c['hit_rate']:.2f} ({c['hits']} hits, {c['misses']} misses, "
                      f"{c['evictions']} evictions)")
+    lines.append(f"streams:  {streams_text(summary.get('protocol') or info.get('protocol'))}")
+    lines += [f"WARNING: {w}" for w in summary.get("warnings") or []]
     lines.append(f"run dir:  {run_dir.resolve()}")
     lines.append(f"results:  {(run_dir / 'results').resolve()}")
     lines.append(f"analysis: {(run_dir / 'analysis').resolve()}")

@@ -67,12 +67,16 @@ class Progress:
             print(flush=True)
 
     def _overall(self) -> str:
+        """Rows done of the total (never above it), then the rate and ETA once a row is done in
+        this driver (before that: how long it has waited, not `0 rows/s`)."""
         total = sum(self.totals.values())
-        done = sum(self.seen.values())
-        rate = (done - self.started_rows) / max(time.monotonic() - self.t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        eta_s = "?" if eta == float("inf") else _duration(eta)
-        return f"{done}/{total} rows ({100 * done / max(total, 1):.0f}%), {rate:.0f} rows/s, ETA {eta_s}"
+        done = min(total, sum(min(self.seen[s], n) for s, n in self.totals.items()))
+        head = f"{done}/{total} rows ({100 * done / max(total, 1):.0f}%)"
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        if done <= self.started_rows:
+            return f"{head}, waiting for the first batch ({_duration(elapsed)})"
+        rate = (done - self.started_rows) / elapsed
+        return f"{head}, {rate:.1f} rows/s, ETA {_duration(max(0.0, (total - done) / rate))}"
 
     def _print(self, shards: list[Any]) -> None:
         if len(shards) > SHOWN_SHARDS:

@@ -14,9 +14,10 @@ from pipeline.job.checks import check_resume, prepare_run
 from pipeline.job.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.job.inputs import InputSpec, count_rows
 from pipeline.job.lock import RunLock
-from pipeline.job.outputs import committed_shards, summarise_run, write_json
+from pipeline.job.outputs import RunFailed, committed_shards, summarise_run, write_json
 from pipeline.job.pool import SharedActors
 from pipeline.job.progress import log
+from pipeline.job.protocol import finish_checks, protocol
 from pipeline.job.provenance import git_commit, new_run_id, package_versions, source_hash
 from pipeline.job.signals import Interrupted, critical
 from pipeline.manifest import read_manifest_meta
@@ -112,7 +113,13 @@ class Run:
             "first_step_s": None if self.first_step_at is None else self.first_step_at - timing["started_at"],
             "startup": startup_breakdown(self.first_timeline, timing["started_at"])}
         summary["cache"] = self.shared.cache_stats() if self.shared is not None else None
+        failure, summary["warnings"] = finish_checks(self.run_dir, self.cfg, summary, self.info["predict_from"])
+        summary["protocol"] = self.info.get("protocol")
         write_json(self.run_dir / "summary.json", summary)
+        if failure:  # every row an error row: not a result (run_jobs marks the run failed)
+            raise RunFailed(f"run {self.run_id}: {failure}")
+        for warning in summary["warnings"]:
+            log(f"WARNING: {warning}")
         self.info["counts"].update(rows=summary["overall"]["n"], errors=summary["overall"]["errors_rows"],
                                    shards=len(self.bounds))
         self._note_resumes(pool)
@@ -188,7 +195,7 @@ def run_info(cfg: RunConfig, run_id: str, resources: dict[str, float], inputs: d
         "model": cfg.model.path if cfg.model.kind == "causal_lm" else cfg.model.factory,
         "method": cfg.ttt.method, "dataset": cfg.data.dataset,
         "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(), "inputs_fingerprint": inputs,
-        "manifest_meta": read_manifest_meta(cfg.data.manifest),
+        "manifest_meta": (meta := read_manifest_meta(cfg.data.manifest)), "protocol": protocol(cfg, meta),
         "predict_from": cfg.ttt.predict_from or method_class(cfg.ttt.method, cfg.model.kind).default_predict_from,
         "versions": package_versions(), "git_commit": git_commit(), "source_hash": source_hash(),
         "python": platform.python_version(),

@@ -38,7 +38,7 @@ class Scheduler:
 
     def run(self, items: list[tuple[Run, int]]) -> None:
         single = len({id(run) for run, _ in items}) == 1
-        label = (lambda run, s: f"s{s}") if single else (lambda run, s: f"{run.run_id[-24:]}/s{s}")
+        label = (lambda run, s: f"s{s}") if single else (lambda run, s: f"{run.run_id}/s{s}")
         self.progress = Progress({label(r, s): r.bounds[s][1] - r.bounds[s][0] for r, s in items},
                                  {label(r, s): r.commits[s]["offset"] for r, s in items if s in r.commits},
                                  log, self.cfg.workers.progress_interval_s)

@@ -37,7 +37,12 @@ BY_KIND: dict[tuple[str, str], type[Method]] = {("nn", "causal_lm"): NNLM}
 
 
 def method_class(method: str, kind: str = "image_classifier") -> type[Method]:
-    """The class that runs `method` on an adapter of `kind`."""
+    """The class that runs `method` on an adapter of `kind`: a built-in name, or a reference
+    `package.module:Class` to a subclass of `Method` (ttt/methods/plugin.py)."""
+    if ":" in method:
+        from ttt.methods.plugin import resolve_method
+
+        return resolve_method(method)
     if (method, kind) in BY_KIND:
         return BY_KIND[(method, kind)]
     try:
