@@ -84,6 +84,9 @@ class ModelConfig(_Strict):
     path: str | None = None  # None = the embedded tiny GPT-2 (trained once under data.cache_dir)
     lora: LoraConfig | None = None  # None = no adapter (method nn on a causal LM needs one)
     max_length: int | None = Field(None, ge=2)  # scoring window; None = the model's context
+    # a row whose text is longer is an error row: memory stays bounded at any length (windows are
+    # scored a few at a time), time does not (2 MiB: ~500k tokens, minutes on a CPU); None = no limit
+    max_text_bytes: int | None = Field(2**21, ge=1)
 
     @model_validator(mode="after")
     def _factory_shape(self) -> "ModelConfig":

@@ -58,9 +58,12 @@ def test_generate_cifar_layout_is_deterministic_and_independent_of_batching(ray_
     generate(digits, tmp_path / "c", corruptions=["gaussian_noise"], severities=[1, 5], seed=4)
     assert not np.array_equal(np.load(tmp_path / "a" / "gaussian_noise.npy"), np.load(tmp_path / "c" / "gaussian_noise.npy"))
     # the manifest points into the arrays; the cifar-c reader takes the blocks' severities from corrupt.json
+    # spatter is one of the 4 held-out validation corruptions: it gets a manifest of its own
     rows = pq.read_table(manifest).to_pylist()
-    assert len(rows) == 3 * 2 * len(digits)
-    assert {r["domain"] for r in rows} == {f"{n}-{s}" for n in names for s in (1, 5)}
+    assert len(rows) == 2 * 2 * len(digits)
+    assert {r["domain"] for r in rows} == {f"{n}-{s}" for n in names if n != "spatter" for s in (1, 5)}
+    held = pq.read_table(tmp_path / "a" / "manifest_held_out.parquet").to_pylist()
+    assert {r["domain"] for r in held} == {"spatter-1", "spatter-5"}
     assert cifar_c_pool(tmp_path / "a", ["spatter"], severities=[5]).column("index").to_pylist() == list(range(6, 12))
     assert read_manifest_meta(manifest)["setting"] == "continual"
 

@@ -81,6 +81,34 @@ def test_record_without_text_is_an_error_entry(adapter):
     assert empty.inputs is None and adapter.predict(empty) == []
 
 
+def test_long_texts_are_scored_a_few_windows_at_a_time_with_the_same_nll(adapter):
+    """Memory stays bounded at any length: `forward` runs `windows_per_forward` windows at a time,
+    and the rows equal those of one forward of every window."""
+    texts = [TEXT * 6, TEXT[:90]]
+    batch = next(iter(adapter.build_loader([{"sample_id": str(i), "text": t} for i, t in enumerate(texts)],
+                                           batch_size=2)))
+    assert batch.inputs.input_ids.shape[0] > 4  # the long text spans many windows
+    with torch.no_grad():
+        whole = lm.token_nll(adapter.model(input_ids=batch.inputs.input_ids,
+                                           attention_mask=batch.inputs.attention_mask).logits, batch.inputs.labels)
+    adapter.windows_per_forward = 2
+    rows = adapter.predict(batch)
+    torch.testing.assert_close(adapter.forward(batch.inputs), whole, rtol=1e-5, atol=1e-5)
+    assert [r["nll"] for r in rows] == pytest.approx([float(whole[[w for w, o in enumerate(batch.inputs.owner) if o == i]]
+                                                            .double().sum()) for i in range(2)], rel=1e-5)
+
+
+def test_a_text_above_max_text_bytes_is_an_error_row_that_names_the_limit(tiny_lm_dir):
+    adapter = CausalLMAdapter(tiny_lm_dir, max_text_bytes=len(TEXT.encode()) - 1)
+    records = [{"sample_id": "long", "text": TEXT}, {"sample_id": "short", "text": TEXT[:50]},
+               {"sample_id": "bad", "text": None, "_error": "row 'text' is not valid UTF-8 (byte 0xff at offset 3)"}]
+    batch = next(iter(adapter.build_loader(records, batch_size=3)))
+    assert [r["sample_id"] for r in batch.records] == ["short"]
+    errors = dict((r["sample_id"], e) for r, e in batch.errors)
+    assert "model.max_text_bytes" in errors["long"] and f"{len(TEXT.encode()):,} bytes" in errors["long"]
+    assert "not valid UTF-8" in errors["bad"]
+
+
 def test_lora_reset_is_bitwise_and_state_swap_reproduces_logits(adapter):
     model = adapter.get_model()
     base = lm.lora_state(model)

@@ -190,20 +190,32 @@ def test_lm_nn_end_to_end_on_local_ray(ray_session, tiny_lm_dir, text_kb, tmp_pa
     rows.append({"sample_id": "mc", "text": texts[1][:200], "domain": "choices",
                  "choices": [texts[1][200:240], "zebra quantum"], "label": 0})
     rows.append({"sample_id": "broken", "text": None, "domain": "pydoc", "choices": None, "label": None})
+    limit = max(len(r["text"].encode()) for r in rows if r["text"])
+    rows.append({"sample_id": "too-long", "text": texts[0] * 3, "domain": "pydoc", "choices": None, "label": None})
+    rows.append({"sample_id": "not-utf8", "text": "?bad text", "domain": "pydoc", "choices": None, "label": None})
+    table = pa.Table.from_pylist([{**r, "text": None} for r in rows])
+    # Parquet takes invalid UTF-8 in a string column without a word: one row's text is 0xff + text
+    raw = [b"\xff" + r["text"][1:].encode() if r["sample_id"] == "not-utf8" else
+           None if r["text"] is None else r["text"].encode() for r in rows]
+    table = table.set_column(table.column_names.index("text"), "text", pa.array(raw, pa.binary()).view(pa.string()))
     manifest = tmp_path / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    pq.write_table(table, manifest)
     cfg = load_config(None, [
         f"output_root={tmp_path / 'runs'}", f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'cache'}",
         "model.kind=causal_lm", f"model.path={tiny_lm_dir}", "model.lora.rank=4",
         "model.lora.target_modules=[c_attn]", "ttt.method=nn", "ttt.update_filter=adapter_only",
         "ttt.lr=0.01", "ttt.batch_size=1", "ttt.nn.k=2", "ttt.nn.use_cache=true", "ttt.nn.cache_threshold=0.99",
         "ttt.nn.logit_lens_top_k=3", f"kb.dir={text_kb['dir']}", "workers.num_shards=2", "workers.num_workers=1",
+        f"model.max_text_bytes={limit}",
     ])
     run_dir = run_job(cfg)
     results = pd.read_parquet(run_dir / "results").sort_values("position")
     assert list(results["sample_id"]) == [r["sample_id"] for r in rows]
     broken = results.set_index("sample_id").loc["broken"]
     assert "no 'text'" in broken["error"] and pd.isna(broken["bits_per_byte"])
+    by_id = results.set_index("sample_id")
+    assert "model.max_text_bytes" in by_id.loc["too-long", "error"]
+    assert "not valid UTF-8 (byte 0xff at offset 0)" in by_id.loc["not-utf8", "error"]
     ok = results[results["error"].isna()]
     assert len(ok) == 6
     np.testing.assert_allclose(ok["bits_per_byte"], ok["nll"] / (math.log(2) * ok["n_bytes"]))

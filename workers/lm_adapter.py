@@ -5,6 +5,13 @@ fine-tuning loss (`lm_loss`) that scores exactly like evaluation, and prediction
 TTT-NN paper's metric. Any Hugging Face causal LM saved in a local directory works; nothing
 is fetched from a hub. No Ray here: a worker actor wraps one. Scoring convention (BOS
 prepended, strided windows, every byte scored once): see `ttt/lm.py`.
+
+Memory is bounded whatever a row's length: `forward` (what a method's prediction is) gives each
+window's per-token NLL, running the model on a few windows at a time so that no more than
+`LOGITS_BUDGET_BYTES` of logits exist at once (a 10 MB text is ~2,500 windows; all their logits
+together would be hundreds of GB). Rows above `max_text_bytes` become error rows before any work:
+scoring time grows with the text. A text column holding invalid UTF-8 reaches here as the row's
+`_error` (`pipeline/job/inputs.py` checks it per row) and becomes an error row too.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from torch import nn
 
 from ttt import lens, lm
 from workers.adapters import Batch, class_predictions
+
+LOGITS_BUDGET_BYTES = 256 * 2**20  # logits alive at once in `forward` (float32)
 
 
 @dataclass
@@ -45,14 +54,16 @@ class CausalLMAdapter:
     `lora` (keyword arguments of `ttt.lm.attach_lora`) wraps the model in a PEFT LoRA adapter
     at load time, so `get_model()` returns the PEFT model and only LoRA weights train.
     `embedder` (a kb_index Embedder) embeds query texts for retrieval; None loads the sentence
-    model of the default text KB on the first `embed` call.
+    model of the default text KB on the first `embed` call. `max_text_bytes` (None: no limit;
+    the job passes `model.max_text_bytes`): a longer row's text is an error row.
     """
 
     kind = "causal_lm"
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", max_length: int | None = None,
                  lora: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                 embedder: Any = None, embedder_threads: int | None = None):
+                 embedder: Any = None, embedder_threads: int | None = None,
+                 max_text_bytes: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_dir)
@@ -70,6 +81,9 @@ class CausalLMAdapter:
         # the query embedder of `embed` (only nn needs it): the sentence model, loaded on first use
         self._embedder = embedder
         self._embedder_threads = embedder_threads
+        self.max_text_bytes = max_text_bytes
+        vocab = int(getattr(lm.unwrap(self.model).config, "vocab_size", 0) or 50_000)
+        self.windows_per_forward = max(1, LOGITS_BUDGET_BYTES // (self.max_length * vocab * 4))
 
     def get_model(self) -> nn.Module:
         return self.model
@@ -89,7 +103,7 @@ class CausalLMAdapter:
             good, texts, windows, owner, n_bytes, choices, errors = [], [], [], [], [], [], []
             for rec in records[start:start + batch_size]:
                 try:
-                    text = _text_of(rec)
+                    text = _text_of(rec, self.max_text_bytes)
                     rec_choices = _choices_of(rec)
                     rec_windows = self.windows(text)
                 except Exception as exc:  # a bad row becomes an error row, never a crash
@@ -109,26 +123,30 @@ class CausalLMAdapter:
 
     # -- tensors -> rows ---------------------------------------------------------------------
     def forward(self, inputs: LMInputs) -> torch.Tensor:
-        """Token logits of every window, [windows, width, vocab]."""
-        return self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+        """Per-token NLL (nats) of every window, [windows, width - 1], 0 where not scored
+        (`ttt.lm.token_nll`): all a row needs, computed `windows_per_forward` windows at a time
+        so a long text never holds all its logits at once. Losses that need gradients use `lm_loss`."""
+        per = self.windows_per_forward
+        return torch.cat([lm.token_nll(self.model(input_ids=inputs.input_ids[lo:lo + per],
+                                                  attention_mask=inputs.attention_mask[lo:lo + per]).logits,
+                                       inputs.labels[lo:lo + per])
+                          for lo in range(0, inputs.input_ids.shape[0], per)])
 
-    def predict(self, batch: Batch, logits: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    def predict(self, batch: Batch, token_nll: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """One row per good record: nll (nats, summed over its tokens), n_tokens, n_bytes,
         bits_per_byte; multiple-choice rows add prediction (argmax choice), confidence and
         entropy of the softmax over the choices' log-likelihoods, and those log-likelihoods
         (`choice_logliks`, nats, summed over each choice's tokens).
 
-        `logits` may come from a forward the method already ran on `batch.inputs`; otherwise
-        the model runs here. Choices are scored with the model as it is now (adapted, when
+        `token_nll` (what `forward` gives) may come from a forward the method already ran on
+        `batch.inputs`; otherwise the model runs here. Choices are scored with the model as it is now (adapted, when
         called right after the method's step).
         """
         if not batch.records:
             return []
         inputs: LMInputs = batch.inputs
         with torch.no_grad():
-            if logits is None:
-                logits = self.forward(inputs)
-            nll = lm.token_nll(logits.detach(), inputs.labels)
+            nll = (self.forward(inputs) if token_nll is None else token_nll).detach().float()
         counts = (inputs.labels[:, 1:] != lm.IGNORE).sum(1)
         per_nll = [0.0] * len(batch.records)
         per_tokens = [0] * len(batch.records)
@@ -225,7 +243,9 @@ def _choices_of(record: dict[str, Any]) -> list[str] | None:
     return choices
 
 
-def _text_of(record: dict[str, Any]) -> str:
+def _text_of(record: dict[str, Any], max_bytes: int | None = None) -> str:
+    if record.get("_error") is not None:  # found while the block was read (invalid UTF-8)
+        raise ValueError(record["_error"])
     text = record.get("text")
     if text is None or (isinstance(text, float) and math.isnan(text)):
         raise ValueError("row has no 'text'")
@@ -233,4 +253,7 @@ def _text_of(record: dict[str, Any]) -> str:
         raise ValueError(f"row 'text' is {type(text).__name__}, not a string")
     if not text:
         raise ValueError("row 'text' is empty: no bytes to score")
+    if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode("utf-8")) > max_bytes:
+        raise ValueError(f"row 'text' is {len(text.encode('utf-8')):,} bytes, above model.max_text_bytes="
+                         f"{max_bytes:,}: split it into rows, or raise the limit (scoring time grows with length)")
     return text

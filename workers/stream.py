@@ -178,7 +178,8 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
         passes = [(a - b) / len(batch.records) for a, b in zip(counter.snapshot(), passes_before)]
         _protocol_after(method, adapt, passes)
         if step is not None:
-            preds = _with_protocol_fields(preds, step.logits, batch.records, adapt)
+            preds = _with_protocol_fields(preds, step.logits, batch.records, adapt,
+                                          class_scores=getattr(adapter, "kind", None) != "causal_lm")
             source = step.record.pop("adapter_source", "none")
             for row in step.record.pop("logit_lens", None) or []:
                 sample_id = str(batch.records[row.pop("sample_index")]["sample_id"])
@@ -227,11 +228,11 @@ def _protocol_after(method: Any, adapted: bool, passes: list[float]) -> None:
 
 
 def _with_protocol_fields(preds: list[dict[str, Any]], logits: torch.Tensor, records: list[dict[str, Any]],
-                          adapted: bool) -> list[dict[str, Any]]:
+                          adapted: bool, class_scores: bool = True) -> list[dict[str, Any]]:
     """Each prediction row plus `adapted` and, for class scores, the calibration inputs
     `label_prob` and `brier` (ttt/calibration.py)."""
     extra: list[dict[str, Any]] = [{"adapted": adapted} for _ in preds]
-    if logits.dim() == 2 and logits.shape[0] == len(preds):
+    if class_scores and logits.dim() == 2 and logits.shape[0] == len(preds):
         probs = logits.detach().float().softmax(1).cpu().numpy()
         label_prob, briers = row_scores(probs, [_label(r) for r in records])
         for e, lp, b in zip(extra, label_prob, briers):

@@ -50,7 +50,8 @@ def build_adapter(model_spec: dict[str, Any], device: str, *, threads: int | Non
         if model_spec.get("path") is None:
             raise ValueError("model.kind=causal_lm needs model.path (a Hugging Face model directory)")
         return CausalLMAdapter(model_spec["path"], device=device, max_length=model_spec.get("max_length"),
-                               lora=model_spec.get("lora"), embedder_threads=threads)
+                               lora=model_spec.get("lora"), embedder_threads=threads,
+                               max_text_bytes=model_spec.get("max_text_bytes"))
     raise ValueError(f"model.kind={model_spec['kind']!r} has no adapter")
 
 

@@ -130,11 +130,13 @@ def prepare_block(batch: dict[str, np.ndarray], *, inputs: InputSpec) -> pa.Tabl
     rows = manifest_rows(inputs.manifest)
     table = pa.concat_tables([rows.read(int(lo), int(hi))
                               for lo, hi in zip(batch["lo"], batch["hi"])])
+    table, text_errors = utf8_checked(table)
     if inputs.kind != "image_classifier":
-        return table
+        return table.append_column(ERROR_COL, pa.array(text_errors, pa.string())) if any(text_errors) else table
     spec = ImageSpec.from_model_config(inputs.model)
     reader = _reader(spec, inputs.num_classes, inputs.read_timeout_s)
     decoded: list[Any] = _inline_pixels(table, spec) or _array_rows(table, spec, reader) or [None] * table.num_rows
+    decoded = [err or d for err, d in zip(text_errors, decoded)]
     if "label" in table.column_names:  # rows decoded in bulk still get their label checked
         for i, err in enumerate(reader.read_labels(table.column("label").to_pylist())):
             if err is not None and decoded[i] is not None:
@@ -149,6 +151,32 @@ def prepare_block(batch: dict[str, np.ndarray], *, inputs: InputSpec) -> pa.Tabl
     keep = [c for c in table.column_names if c not in HEAVY_COLS]
     return table.select(keep).append_column(IMAGE_COL, pa.array(images, pa.binary())) \
                              .append_column(ERROR_COL, pa.array(errors, pa.string()))
+
+
+def utf8_checked(table: pa.Table) -> tuple[pa.Table, list[str | None]]:
+    """A block whose `text`, `path`, `domain` (any string column) holds invalid UTF-8, which
+    Parquet does not check on write: those values become null and the row's error names the column,
+    so each such row is an error row rather than a `UnicodeDecodeError` that fails the block, and
+    the run, on every attempt. (sample_id is checked for the whole manifest at start-up.)"""
+    errors: list[str | None] = [None] * table.num_rows
+    for i, name in enumerate(table.column_names):
+        if not pa.types.is_string(table.schema.field(name).type):
+            continue
+        column = table.column(name).combine_chunks()
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = []
+        for row, raw in enumerate(column.view(pa.binary()).to_pylist()):
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                values.append(None)
+                errors[row] = errors[row] or f"row {name!r} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})"
+        table = table.set_column(i, name, pa.array(values, pa.string()))
+    return table, errors
 
 
 def _inline_pixels(table: pa.Table, spec: ImageSpec) -> list[np.ndarray | None] | None:

@@ -24,7 +24,8 @@ class RunLocked(ConfigError):
 class RunLock:
     def __init__(self, run_dir: Path, run_id: str):
         self.path = run_dir / LOCK_NAME
-        self.created_dir = not run_dir.exists()
+        # the folders this lock brings into being (output_root too, when new): a refused run removes them
+        self.created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,11 +53,12 @@ class RunLock:
         """Let go; `remove_if_unused`: a run refused before it wrote anything leaves no directory."""
         if self.fd is None:
             return
-        if remove_if_unused and self.created_dir:
+        if remove_if_unused and self.created:
             self.path.unlink(missing_ok=True)
-            try:
-                self.path.parent.rmdir()
-            except OSError:
-                pass
+            for folder in self.created:  # innermost first; one another process wrote into stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         os.close(self.fd)
         self.fd = None

@@ -27,7 +27,7 @@ from pipeline.config import RunConfig
 from pipeline.job import signals
 from pipeline.job.checks import check_gpus
 from pipeline.job.inputs import warm_up
-from pipeline.job.pool import Pool, keep_warm, pool_for, worker_plan
+from pipeline.job.pool import Pool, keep_warm, live_node_cpus, pool_for, worker_plan
 from pipeline.job.progress import log
 from pipeline.job.ray_start import init_ray, quiet_ray_data
 from pipeline.job.record import Run
@@ -78,7 +78,7 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
             threading.Thread(target=warm_up, args=(pending[0][0].inputs_spec,), daemon=True).start()
             lead_run = pending[0][0]  # runs finished by an earlier driver hold no worker spec
             lead = lead_run.cfg
-            pool = pool_for(lead, worker_plan(lead, resources, len(pending)), lead_run.worker_spec)
+            pool = pool_for(lead, worker_plan(lead, resources, len(pending), live_node_cpus()), lead_run.worker_spec)
             log(f"{len(pending)} shard(s) of {sum(1 for r in runs if r.todo)} run(s) on {len(pool.actors)} "
                 f"{'warm ' if pool.runs > 1 else ''}worker(s), checkpoint every {lead.workers.checkpoint_every} batches")
             Scheduler(lead, pool, on_run_done=finished).run(pending)

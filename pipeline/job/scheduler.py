@@ -48,6 +48,10 @@ class Scheduler:
         idle = list(range(len(self.pool.actors)))
         last_change = time.monotonic()
         while pending or running:
+            if pending and not running and not idle:  # every slot retired: nothing could ever progress
+                raise RunFailed(f"no worker left to run {len(pending)} shard(s): the cluster has no room for one beside "
+                                f"a decode task (workers.preprocess_cpus={self.cfg.workers.preprocess_cpus:g}); "
+                                "a rerun with the same run_id goes on from the last commits")
             while pending and idle:
                 run, shard = pending.popleft()
                 slot = self.pool.pick(idle, run.run_id)

@@ -92,6 +92,12 @@ class Method:
     def updated_param_count(self) -> int:
         return 0
 
+    @property
+    def class_scores(self) -> bool:
+        """Whether the adapter's `forward` gives class scores [batch, classes]: a causal LM's gives
+        per-token NLL, which has no class distribution."""
+        return getattr(self.adapter, "kind", None) != "causal_lm"
+
     def reset(self) -> None:
         """Back to the source model (episodic resets, domain shifts, collapse, a restarted shard)."""
         restore(self.model, self.source_state)
@@ -107,7 +113,7 @@ class Method:
             logits = self.current_prediction(inputs)
         record = {"steps": 0, "stop_reason": "online_skipped", "updated_param_count": 0,
                   "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0}
-        if logits.dim() == 2:
+        if self.class_scores:
             record.update(class_distribution(logits))
         return StepResult(logits.detach(), record)
 
@@ -120,7 +126,7 @@ class Method:
             logits = self.adapter.forward(inputs)
         record = {"steps": 0, "stop_reason": "no_adaptation", "updated_param_count": 0,
                   "timing_forward_pass": time.perf_counter() - t0, "timing_fine_tuning": 0.0}
-        if logits.dim() == 2:  # class scores; a language model's token logits have no class distribution
+        if self.class_scores:
             record.update(class_distribution(logits))
         return StepResult(logits, record)
 
