@@ -79,3 +79,15 @@ def test_probes_score_the_committed_state_and_leave_the_rows_alone(ray_session, 
         assert np.isclose(got[position], _hand_score(small_default, state, clean_rows)), position
     nll = probes[probes["probe_set"] == "clean"].set_index("position")["nll"]
     assert nll[0] != nll[150]  # the adapted state is not the source's
+
+    # the report draws them: one panel per probe set, the last state's error per set in report.md
+    from pipeline.analysis.report import write_reports
+
+    (report,) = write_reports([with_probes])
+    assert (report.parent / "probes.png").read_bytes()[:4] == b"\x89PNG"
+    table = pd.read_csv(report.parent / "probes.csv")
+    assert len(table) == len(probes) and set(table["probe_set"]) == sets
+    md = report.read_text()
+    assert "## Forgetting and transfer (probes)" in md and f"{got[150] * 100:.1f}" in md
+    (plain,) = write_reports([without])
+    assert "probes" not in plain.read_text() and not (plain.parent / "probes.png").exists()

@@ -257,3 +257,36 @@ def test_report_shows_each_settings_grid_point_and_no_nan(tmp_path: Path) -> Non
     # deterministic over seeds (65.3% both): still an interval from the samples, within [0, 1]
     assert source["ci_low"] < source["error"] < source["ci_high"] and 0 <= source["ci_low"] and source["ci_high"] <= 1
     assert "nan" not in md
+
+
+# --------------------------------------------------------------------- domain orders as replicates
+
+def test_an_order_axis_builds_each_domain_order_and_the_table_averages_over_orders(tmp_path: Path, ray_session) -> None:
+    from pipeline.benchmarks.settings import domain_orders
+    from pipeline.campaigns.sweep import attach_streams
+    from pipeline.manifest import read_manifest_meta
+
+    names = ["gaussian_noise", "fog", "contrast"]
+    raw = {"name": "orders", "config": {"output_root": str(tmp_path / "runs"), "data": {"cache_dir": str(tmp_path / "cache")}},
+           "axes": {"method": {"source": {"ttt.method": "source"}, "norm": {"ttt.method": "norm"}}, "order": [0, 1, 2]},
+           "streams": {"per_domain": 3, "severity": 2, "test": names, "validation": ["spatter"], "order_seed": 5}}
+    spec = parse_sweep(raw)
+    assert spec.select_over == ["order"]  # orders are replicates, like seeds
+    cells = attach_streams(spec, expand(spec))
+    assert [c.name for c in cells[:3]] == ["source-order0", "source-order1", "source-order2"]
+    orders = domain_orders(names, 3, seed=5)
+    for cell in cells:
+        meta = read_manifest_meta(cell.config.data.manifest)
+        domains = list(dict.fromkeys(pq.read_table(cell.config.data.manifest).column("domain").to_pylist()))
+        assert domains == [f"{n}-2" for n in orders[cell.order]]
+        assert meta["setting"] == "continual"
+    assert len({c.config.data.manifest for c in cells}) == 3  # both methods see the same three streams
+    write_campaign(spec, cells)
+    for c in cells:
+        write_run(tmp_path / "runs", c, {"source": 0.5, "norm": 0.25}[c.config.ttt.method] + 0.05 * c.order)
+    table = Campaign(tmp_path / "runs", "orders").table()
+    norm = table[(table["method"] == "norm") & (table["domain"] == "mean")].iloc[0]
+    assert (norm["n_seeds"], norm["few_seeds"]) == (3, False)
+    assert norm["error"] == pytest.approx(0.30) and norm["ci_low"] < 0.30 < norm["ci_high"]
+    with pytest.raises(SweepError, match="domain order labels must be indices"):
+        parse_sweep({**raw, "axes": {**raw["axes"], "order": ["a", "b"]}})

@@ -1,11 +1,12 @@
 """Plots and tables that reports draw: heat maps of error tables, the stream plot (loss and class
-entropy along the stream), cache and timing plots, markdown tables, the model label of a run.
+entropy along the stream), cache, timing and probe plots, markdown tables, the model label of a run.
 Public, so a run's report and a campaign's table draw with the same helpers. Figures are drawn
 on matplotlib `Figure` objects (the Agg canvas) rather than pyplot, so importing this module in a
 notebook leaves its backend and global figure state alone.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,34 @@ def timing_plot(table: pd.DataFrame, by: str, path: Path, model: str = "") -> No
     ax.set_title("time per stage")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
+    _model_title(fig, model)
+    fig.savefig(path, dpi=DPI)
+
+
+def probes_plot(probes: pd.DataFrame, path: Path, model: str = "") -> None:
+    """Forgetting and transfer: one panel per probe set (clean first, then each domain's sample),
+    error against stream position, one line per run (and shard, where a run has several)."""
+    sets = list(dict.fromkeys(["clean"] * ("clean" in set(probes["probe_set"])) + list(probes["probe_set"])))
+    cols = min(4, len(sets))
+    rows = math.ceil(len(sets) / cols)
+    fig = Figure(figsize=(3.2 * cols + 1.5, 2.6 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    lines = list(dict.fromkeys(zip(probes["label"], probes["shard"])))
+    several = probes.groupby("label")["shard"].nunique().gt(1).to_dict()
+    for ax, name in zip(axes, sets):
+        one = probes[probes["probe_set"] == name]
+        for i, (label, shard) in enumerate(lines):
+            line = one[(one["label"] == label) & (one["shard"] == shard)].sort_values("position")
+            if len(line):
+                ax.plot(line["position"], line["error"], marker=".", color=f"C{i % 10}",
+                        label=f"{label} s{shard}" if several.get(label) else label)
+        ax.set_title(name if name == "clean" else f"domain {name}", fontsize=9)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    for ax in axes[len(sets):]:
+        ax.set_visible(False)
+    axes[0].set_ylabel("error of the state at that point")
+    axes[0].legend(fontsize=7)
+    fig.supxlabel("rows of the shard's stream adapted on (0: the source model)", fontsize=9)
     _model_title(fig, model)
     fig.savefig(path, dpi=DPI)
 

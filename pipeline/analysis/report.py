@@ -22,6 +22,8 @@ What is written (each plot is skipped, with a note in report.md, when its data i
   run's total from summary.json).
 - timing.csv / .png: milliseconds per sample in each timing_* stage, stacked (per shard for
   one run, per run for a comparison).
+- probes.csv / .png (runs with `probes.every`): error of the adapting state on the clean set
+  (forgetting) and on each domain's sample (transfer) against stream position.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from pipeline.analysis.plots import (
     md_table,
     model_label,
     models_text,
+    probes_plot,
     stream_plot,
     timing_plot,
 )
@@ -53,7 +56,7 @@ RESULT_COLUMNS = ["run_id", "domain", "position", "correct", "error", "adapter_s
 ANALYSIS_COLUMNS = ["run_id", "shard", "batch_index", "domain", "sample_ids", "losses", "steps", "class_entropy",
                     "used_cache", "cache_evictions", *STAGES, "timing_total"]
 OUTPUTS = ("report.md", "error_by_domain.csv", "error_by_domain.png", "stream.png", "cache.csv", "cache.png",
-           "timing.csv", "timing.png")
+           "timing.csv", "timing.png", "probes.csv", "probes.png")
 
 
 # ------------------------------------------------------------------------------- tables
@@ -221,6 +224,7 @@ def render(runs: RunSet, out_dir: str | Path, title: str) -> Path:
     md += _stream_section(stream, single, out_dir, models_text(runs))
     md += _cache_section(runs, labels, stream, results, out_dir)
     md += _timing_section(stream, single, out_dir, models_text(runs))
+    md += _probes_section(runs, labels, out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     return path
@@ -330,6 +334,24 @@ def _timing_section(stream: pd.DataFrame, single: bool, out_dir: Path, model: st
                + (" per shard." if single else " per run.") + " `other` is `timing_total` minus the stages.", "",
                md_table(timing), "", "CSV: [timing.csv](timing.csv)", ""]
     return md
+
+
+def _probes_section(runs: RunSet, labels: list[str], out_dir: Path) -> list[str]:
+    """Forgetting (clean set) and transfer (each domain's sample) of the adapting state along the stream."""
+    probes = runs.probes(["run_id", "shard", "position", "probe_set", "n", "error", "ece"])
+    if probes.empty:
+        return []
+    probes["label"] = probes["run_id"].map(dict(zip(runs.run_ids, labels)))
+    probes = probes.sort_values(["label", "shard", "position", "probe_set"], kind="stable")
+    probes[["label", "shard", "position", "probe_set", "n", "error", "ece"]].to_csv(out_dir / "probes.csv", index=False)
+    probes_plot(probes, out_dir / "probes.png", models_text(runs))
+    last = probes.sort_values("position").groupby(["label", "probe_set"], sort=False).tail(1)
+    end = last.pivot_table(index="label", columns="probe_set", values="error", sort=False) * 100
+    return ["## Forgetting and transfer (probes)", "", "![probe error along the stream](probes.png)", "",
+            "Each point scores the adaptation state committed at that stream position, without adapting, on "
+            "a fixed clean source set (`clean`: forgetting) and a fixed sample of each domain (transfer); "
+            "position 0 is the source model. Error % of the last probed state:", "",
+            md_table(end.round(1).reset_index()), ""]
 
 
 def write_reports(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:

@@ -63,10 +63,14 @@ class StreamSpec:
     dir: str | None = None  # None = <data.cache_dir>/sweep-streams/<hash of this spec>
     setting_axis: str = "setting"
     corruption_seed: str = "data.seed"  # the config field that seeds corruption noise and stream order
+    # an axis of this name picks the domain order: label k = the k-th of settings.domain_orders (0 = as
+    # listed, then seeded distinct permutations, `order_seed`); the table averages over it like seeds
+    order_axis: str = "order"
+    order_seed: int = 0
 
     def key(self) -> str:
-        body = json.dumps({"n": self.per_domain, "sev": self.severity, "t": self.test, "v": self.validation},
-                          sort_keys=True)
+        body = json.dumps({"n": self.per_domain, "sev": self.severity, "t": self.test, "v": self.validation,
+                           **({"os": self.order_seed} if self.order_seed else {})}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:10]
 
 
@@ -93,6 +97,7 @@ class Cell:
     default_hp: bool
     config: RunConfig
     setting: str | None = None
+    order: int = 0  # with streams: the domain order (StreamSpec.order_axis)
 
     @property
     def run_id(self) -> str:
@@ -153,7 +158,8 @@ def _parse_streams(raw: Any) -> StreamSpec:
         return StreamSpec()
     if not isinstance(raw, dict):
         raise SweepError("sweep: streams must be a mapping (per_domain, severity, test, validation, dir)")
-    unknown = set(raw) - {"per_domain", "severity", "test", "validation", "dir", "setting_axis", "corruption_seed"}
+    unknown = set(raw) - {"per_domain", "severity", "test", "validation", "dir", "setting_axis", "corruption_seed",
+                          "order_axis", "order_seed"}
     if unknown:
         raise SweepError(f"sweep: streams: unknown key(s) {sorted(unknown)}")
     from pipeline.benchmarks.layouts import ALL_CORRUPTIONS
@@ -231,15 +237,19 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
                 raise SweepError(f"sweep: select.{method}.{key} must be a non-empty list")
         select[str(method)] = grid
     axis_names = [a.name for a in axes]
-    over = raw.get("select_over", ["seed"] if "seed" in axis_names else [])
+    streams = _parse_streams(raw["streams"]) if raw.get("streams") else None
+    replicates = ["seed", streams.order_axis if streams else "order"]  # what a table averages over by default
+    over = raw.get("select_over", [a for a in replicates if a in axis_names])
     missing = [o for o in over if o not in axis_names]
     if missing:
         raise SweepError(f"sweep: select_over names unknown axis/axes {missing}; axes: {axis_names}")
-    streams = _parse_streams(raw["streams"]) if raw.get("streams") else None
     if streams is not None:
-        # the setting axis picks the stream order, not a config field: its labels are setting names
-        axes = [Axis(a.name, a.labels, tuple({} for _ in a.labels), named=True)
-                if a.name == streams.setting_axis and not a.named else a for a in axes]
+        # the setting and order axes pick the stream, not a config field: setting names, order indices
+        axes = [Axis(a.name, a.labels, tuple({} for _ in a.labels), named=a.name == streams.setting_axis)
+                if a.name in (streams.setting_axis, streams.order_axis) and not a.named else a for a in axes]
+        for a in axes:
+            if a.name == streams.order_axis and not all(lab.isdigit() for lab in a.labels):
+                raise SweepError(f"sweep: axes.{a.name}: domain order labels must be indices 0, 1, 2, ...; got {list(a.labels)}")
     validation = _fields("validation", raw["validation"]) if raw.get("validation") else None
     if select and streams is None and validation is None:
         raise SweepError("sweep: select needs a validation stream: give streams: (built from the held-out "
@@ -306,8 +316,9 @@ def expand(spec: SweepSpec) -> list[Cell]:
             for k, v in a.values[a.labels.index(label)].items():
                 _set_dotted(tree, k, v)
         base_name = "-".join(by_name[ax].part(lab) for ax, lab in labels.items()) or "cell"
-        setting = None
+        setting, order = None, 0
         if spec.streams is not None:
+            order = int(labels.get(spec.streams.order_axis, 0))
             setting = labels.get(spec.streams.setting_axis, "continual")
             if setting not in SETTINGS:
                 raise SweepError(f"sweep: cell {base_name}: {spec.streams.setting_axis} label {setting!r} is not a "
@@ -335,7 +346,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
                 rt["tag"] = spec.name
                 cfg = _validate(rt, name)
                 cells.append(Cell(name=name, role=role, labels=dict(labels), hp=point, hp_name=hp_name,
-                                  default_hp=is_default, config=cfg, setting=setting))
+                                  default_hp=is_default, config=cfg, setting=setting, order=order))
     names = [c.name for c in cells]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

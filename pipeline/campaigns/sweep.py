@@ -57,18 +57,23 @@ _IGNORED_PREFIXES = ("run_id", "output_root", "workers.", "ttt.log_out", "experi
 
 # ---------------------------------------------------------------------------------- streams
 
-def stream_path(spec: StreamSpec, cache_dir: str, split: int, seed: int, role: str, setting: str) -> Path:
+def stream_path(spec: StreamSpec, cache_dir: str, split: int, seed: int, role: str, setting: str,
+                order: int = 0) -> Path:
     root = Path(spec.dir) if spec.dir else Path(cache_dir) / "sweep-streams" / spec.key()
-    return (root / f"split{split}-seed{seed}" / f"{role}-{setting}.parquet").resolve()
+    stem = f"{role}-{setting}" + (f"-order{order}" if order else "")
+    return (root / f"split{split}-seed{seed}" / f"{stem}.parquet").resolve()
 
 
-def build_stream(spec: StreamSpec, cache_dir: str, split: int, seed: int, role: str, setting: str) -> Path:
-    """The manifest of one (split, seed, role, setting), built once: the held-out digits of split
-    `split` through `pipeline corrupt` (seeded per image by `seed`), ordered by `pipeline manifest`."""
+def build_stream(spec: StreamSpec, cache_dir: str, split: int, seed: int, role: str, setting: str,
+                 order: int = 0) -> Path:
+    """The manifest of one (split, seed, role, setting, domain order), built once: the held-out
+    digits of split `split` through `pipeline corrupt` (seeded per image by `seed`), ordered by
+    `pipeline manifest` (its `--orders`: order k is the k-th of settings.domain_orders)."""
     from pipeline.benchmarks.corrupt import generate, source_from_digits
     from pipeline.benchmarks.layouts import build_manifest
+    from pipeline.benchmarks.orders import build_order_manifests
 
-    out = stream_path(spec, cache_dir, split, seed, role, setting)
+    out = stream_path(spec, cache_dir, split, seed, role, setting, order)
     if out.is_file():
         return out
     images = out.parent / "images"
@@ -78,9 +83,15 @@ def build_stream(spec: StreamSpec, cache_dir: str, split: int, seed: int, role: 
         generate(source_from_digits(split, spec.per_domain), images, corruptions=spec.test + spec.validation,
                  severities=[spec.severity], seed=seed)
     names = spec.test if role == "test" else spec.validation
+    params = {"seed": seed} if setting in ("mixed_domains", "correlated") else None
+    if order:  # orders 0..order, each <stem>-order<k>.parquet beside the unordered stream's name
+        build_order_manifests("cifar-c", images, stream_path(spec, cache_dir, split, seed, role, setting), order + 1,
+                              order_seed=spec.order_seed, setting=setting, setting_params=params,
+                              corruptions=list(names), severities=[spec.severity])
+        return out
     tmp = out.with_name(out.stem + ".tmp.parquet")
-    build_manifest("cifar-c", images, tmp, setting=setting, setting_params={"seed": seed} if setting in
-                   ("mixed_domains", "correlated") else None, corruptions=list(names), severities=[spec.severity])
+    build_manifest("cifar-c", images, tmp, setting=setting, setting_params=params, corruptions=list(names),
+                   severities=[spec.severity])
     tmp.replace(out)
     return out
 
@@ -95,7 +106,8 @@ def attach_streams(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
     for cell in cells:
         seed = cell.config.data.seed if spec.streams.corruption_seed == "data.seed" else cell.config.ttt.seed
         path = build_stream(spec.streams, cell.config.data.cache_dir, cell.config.data.seed, seed,
-                            "validation" if cell.role == "validation" else "test", cell.setting or "continual")
+                            "validation" if cell.role == "validation" else "test", cell.setting or "continual",
+                            cell.order)
         cell.config = cell.config.model_copy(update={"data": cell.config.data.model_copy(update={"manifest": str(path)})})
     return cells
 
