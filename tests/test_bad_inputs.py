@@ -155,7 +155,7 @@ def test_a_read_that_blocks_times_out_as_an_error_row(small_default, digits):
 
     model = load_model(FACTORY, str(small_default["checkpoint"]), {}, "cpu")
     stalling = ImageClassifierAdapter(model)
-    stalling.reader = StallingReader(stalling.spec, num_classes=10, read_timeout_s=0.5)
+    stalling.reader = StallingReader(stalling.spec, num_classes=10, read_timeout_s=2.0)
     good = {"pixels": digits[0][0].reshape(-1).tolist(), "label": 1}
     rows = [{"sample_id": "a", "path": "unused", **good}, {"sample_id": "stalls", "path": "/slow/fs/x.png", **good},
             {"sample_id": "b", "path": "unused", **good}]
@@ -163,7 +163,7 @@ def test_a_read_that_blocks_times_out_as_an_error_row(small_default, digits):
     release.set()
     assert [r["sample_id"] for r in batch.records] == ["a", "b"]
     (row, msg), = batch.errors
-    assert row["sample_id"] == "stalls" and "/slow/fs/x.png" in msg and "read_timeout_s=0.5" in msg
+    assert row["sample_id"] == "stalls" and "/slow/fs/x.png" in msg and "read_timeout_s=2" in msg
 
 
 def test_every_stalled_read_of_a_block_times_out_alone(tmp_path: Path, digits):
@@ -181,7 +181,7 @@ def test_every_stalled_read_of_a_block_times_out_alone(tmp_path: Path, digits):
                 release.wait(30)
             return super().decode(record)
 
-    reader = StallingReader(ImageSpec(shape=(1, 28, 28)), num_classes=10, read_timeout_s=0.3)
+    reader = StallingReader(ImageSpec(shape=(1, 28, 28)), num_classes=10, read_timeout_s=1.5)
     paths = [tmp_path / "0.png", "/slow/stalls-1.png", tmp_path / "1.png", tmp_path / "2.png",
              tmp_path / "3.png", "/slow/stalls-2.png"]
     try:
@@ -189,7 +189,7 @@ def test_every_stalled_read_of_a_block_times_out_alone(tmp_path: Path, digits):
     finally:
         release.set()
     assert [isinstance(g, str) for g in got] == [False, True, False, False, False, True]
-    assert "stalls-1.png" in got[1] and "stalls-2.png" in got[5] and "read_timeout_s=0.3" in got[5]
+    assert "stalls-1.png" in got[1] and "stalls-2.png" in got[5] and "read_timeout_s=1.5" in got[5]
     want = [ImageRowReader(ImageSpec(shape=(1, 28, 28)), read_timeout_s=None).decode({"path": str(p)})
             for p in (paths[0], *paths[2:5])]
     for g, w in zip([got[0], *got[2:5]], want):
@@ -333,8 +333,10 @@ def test_stale_manifest_is_refused_and_corrupt_part_recomputed(ray_session, smal
 
 FULL_DISK_SCRIPT = textwrap.dedent("""
     import json, os, resource, signal, sys
+    import pyarrow.parquet as pq
     import ray
     from pipeline.config import load_config
+    from pipeline.job import outputs
     from pipeline.job.outputs import DiskFullError
     from pipeline.job.runner import run_job
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -342,9 +344,20 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     cfg = load_config(sys.argv[1], sys.argv[3:])
     limit = int(sys.argv[2])
     if limit:
-        # files this process writes may not grow past `limit` bytes: a disk that fills mid-run
+        # Parquet parts this driver writes may not grow past `limit` bytes (the kernel refuses with
+        # EFBIG, as a full disk refuses with ENOSPC): a disk that fills mid-run. Only the parts:
+        # run.json must still take its `failed` mark, whatever its size.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        write_table = pq.write_table
+
+        def full_disk_write(*args, **kwargs):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            try:
+                return write_table(*args, **kwargs)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+        outputs.pq.write_table = full_disk_write
     try:
         run_job(cfg)
     except DiskFullError as exc:
@@ -360,7 +373,7 @@ def test_full_disk_fails_in_one_line_and_resumes(small_default, tmp_path):
             f"model.checkpoint={small_default['checkpoint']}", f"output_root={tmp_path / 'runs'}", "run_id=full",
             "ttt.batch_size=50", "workers.num_shards=3"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(script), args[0], "8000", *args[1:]], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(script), args[0], "2000", *args[1:]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DISKFULL")][0]

@@ -94,8 +94,7 @@ class Method:
 
     @property
     def class_scores(self) -> bool:
-        """Whether the adapter's `forward` gives class scores [batch, classes]: a causal LM's gives
-        per-token NLL, which has no class distribution."""
+        """Whether `forward` gives class scores (a causal LM's gives per-token NLL: no class distribution)."""
         return getattr(self.adapter, "kind", None) != "causal_lm"
 
     def reset(self) -> None:
