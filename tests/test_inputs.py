@@ -76,3 +76,34 @@ def test_duplicate_sample_ids_are_named(tmp_path):
         check_manifest(tmp_path / "m.parquet")
     pq.write_table(pa.table({"sample_id": [3, 1, 2], "pixels": [[1]] * 3}), tmp_path / "n.parquet")
     assert check_manifest(tmp_path / "n.parquet") == 3  # integer ids are fine
+
+
+def _invalid_utf8(values: list[bytes | None]) -> pa.Array:
+    """A string column holding bytes that are not UTF-8: Parquet writes it without a word."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+def test_invalid_utf8_in_a_column_becomes_that_rows_error_and_sample_ids_are_checked_at_start(tmp_path):
+    from pipeline.manifest import ManifestError, check_manifest
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"sample_id": ["a", "b", "c"], "label": [0, 1, 2],
+                             "path": _invalid_utf8([b"x.png", b"\xc3(.png", b"y.png"]),
+                             "domain": _invalid_utf8([b"fog", b"fog", b"f\xffg"])}), path)
+    assert check_manifest(path) == 3
+    table, errors = inputs_module.utf8_checked(pq.read_table(path))
+    assert errors[0] is None
+    assert errors[1] == "row 'path' is not valid UTF-8 (byte 0xc3 at offset 0)"
+    assert errors[2] == "row 'domain' is not valid UTF-8 (byte 0xff at offset 1)"
+    assert table.to_pylist()[0] == {"sample_id": "a", "label": 0, "path": "x.png", "domain": "fog"}
+    assert table.column("path")[1].as_py() is None and table.column("domain")[2].as_py() is None
+    # through the block decoder: both rows are error rows, the good one is read (and fails on its missing file)
+    spec = InputSpec(manifest=str(path), kind="image_classifier", model={"image_shape": [1, 28, 28]},
+                     num_classes=10, read_timeout_s=None)
+    block = inputs_module.prepare_block({"lo": [0], "hi": [3]}, inputs=spec).to_pylist()
+    assert "not valid UTF-8" in block[1]["_error"] and "not valid UTF-8" in block[2]["_error"]
+    assert "x.png" in block[0]["_error"]
+
+    pq.write_table(pa.table({"sample_id": _invalid_utf8([b"a", b"\xffb"]), "path": ["x", "y"]}), path)
+    with pytest.raises(ManifestError, match=r"row 1's sample_id is not valid UTF-8 \(byte 0xff at offset 0\)"):
+        check_manifest(path)

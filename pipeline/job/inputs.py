@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.manifest import manifest_files
+from pipeline.manifest import manifest_files, utf8_errors
 from ttt.images import ImageSpec
 from workers.adapters import ImageRowReader
 
@@ -160,22 +161,15 @@ def utf8_checked(table: pa.Table) -> tuple[pa.Table, list[str | None]]:
     the run, on every attempt. (sample_id is checked for the whole manifest at start-up.)"""
     errors: list[str | None] = [None] * table.num_rows
     for i, name in enumerate(table.column_names):
-        if not pa.types.is_string(table.schema.field(name).type):
-            continue
         column = table.column(name).combine_chunks()
-        try:
-            column.validate(full=True)
+        bad = utf8_errors(column) if pa.types.is_string(column.type) else None
+        if bad is None:
             continue
-        except pa.ArrowInvalid:
-            pass
-        values = []
-        for row, raw in enumerate(column.view(pa.binary()).to_pylist()):
-            try:
-                values.append(None if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                values.append(None)
-                errors[row] = errors[row] or f"row {name!r} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})"
-        table = table.set_column(i, name, pa.array(values, pa.string()))
+        for row, why in enumerate(bad):
+            if why:
+                errors[row] = errors[row] or f"row {name!r} is not valid UTF-8 ({why})"
+        keep = pa.array([why is None for why in bad])
+        table = table.set_column(i, name, pc.if_else(keep, column.view(pa.binary()), None).cast(pa.string()))
     return table, errors
 
 

@@ -75,7 +75,7 @@ class Pool:
     def __init__(self, cfg: RunConfig, plan: WorkerPlan, spec: dict[str, Any]):
         self.cfg, self.spec = cfg, spec  # the spec workers start with; each task names its run's
         self.tag = spec["run_id"]
-        size, self.num_cpus, self.plan = plan.size, plan.num_cpus, plan
+        size, self.num_cpus = plan.size, plan.num_cpus
         self.generation, self.restarts = 0, 0
         self.resumes: list[dict[str, Any]] = []  # where each shard whose worker died went on from
         self.nodes: list[str | None] = list(plan.nodes)  # planned, then where its chunks say it ran
@@ -84,7 +84,7 @@ class Pool:
         self.keep, self.runs = False, 1  # kept for the next run (`warm_workers`); runs served
         self.job = ray.get_runtime_context().get_job_id()
         self.ready: dict[str, Any] = {}  # worker name -> ref that resolves when it is built (stall clock)
-        self.actors = [self._start(i) for i in range(size)]
+        self.actors = [self._start(i, plan.nodes[i]) for i in range(size)]
 
     def matches(self, cfg: RunConfig, plan: WorkerPlan) -> bool:
         """Whether this pool can serve a run planned as `plan`: same driver connection, same
@@ -103,14 +103,13 @@ class Pool:
         """An idle slot, preferring one whose worker already serves `run_id` (no method rebuild)."""
         return next((slot for slot in idle if self.serving[slot] == run_id), idle[0])
 
-    def _start(self, slot: int, node: str | None = None) -> Any:
+    def _start(self, slot: int, node: str | None) -> Any:
         """A worker for `slot` on `node` (the plan's, or a replacement's): soft affinity, so Ray
         still places it when that node has gone meanwhile; None: Ray spreads them."""
         self.generation += 1
         self.names[slot] = f"ttt-{self.tag}-w{slot}-g{self.generation}"
         options: dict[str, Any] = {"name": self.names[slot], "num_cpus": self.num_cpus,
                                    "num_gpus": self.cfg.workers.num_gpus, "max_concurrency": 2, "max_restarts": 0}
-        node = node if node is not None else self.plan.nodes[slot]
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
         self.nodes[slot] = node
         actor = TTTWorkerActor.options(**options).remote(self.spec, self.names[slot])
