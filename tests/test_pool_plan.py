@@ -29,7 +29,7 @@ def test_one_local_node_keeps_its_old_size():
 def test_equal_nodes_each_keep_room_for_a_decode_task(cpus, expected):
     plan = worker_plan(cfg(), {"CPU": 2 * cpus}, shards_left=8, node_cpus={"a": cpus, "b": cpus})
     assert per_node(plan) == expected
-    for node, count in per_node(plan).items():
+    for _node, count in per_node(plan).items():
         assert count * plan.num_cpus + 0.5 <= cpus  # the reserve stays free on every node
 
 

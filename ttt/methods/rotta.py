@@ -172,6 +172,7 @@ class CSTUMemory:
 
 class RoTTA(GradientMethod):
     name = "rotta"
+    analysis_columns = GradientMethod.analysis_columns + ("n_loss_samples", "sample_weight_mean", "memory_size")
     required_hooks = ("augment",)
 
     def configure(self) -> None:
