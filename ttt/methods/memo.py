@@ -47,7 +47,8 @@ def marginal_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MEMO(GradientMethod):
     name = "memo"
-    analysis_columns = GradientMethod.analysis_columns + ("marginal_entropy", "n_loss_samples")
+    # its own step record (one episode per sample): no diversity term
+    analysis_columns = ("losses", "loss_entropy", "diversity_weight", "grad_norm", "marginal_entropy", "n_loss_samples")
     required_hooks = ("augment",)
     default_predict_from = "after_update"
 
