@@ -132,6 +132,24 @@ def test_a_plugin_declaring_an_unknown_column_is_refused_at_start(small_default,
     assert not (tmp_path / "runs").exists()
 
 
+class UndeclaredStats(Tent):
+    """A plug-in method that fills a column (SAR's `n_reliable`) its class does not declare."""
+
+    def loss(self, inputs):
+        loss, logits, parts = super().loss(inputs)
+        self.batch_stats = {"n_reliable": len(inputs)}
+        return loss, logits, parts
+
+
+def test_a_record_field_the_method_does_not_declare_fails_the_run_naming_it(small_default, tmp_path):
+    cfg = load_config(ROOT / "configs" / "mnistc_tent.yaml", [
+        f"data.manifest={small_default['manifest']}", f"model.checkpoint={small_default['checkpoint']}",
+        f"output_root={tmp_path / 'runs'}", "data.limit=20", "ttt.method=test_analysis_columns:UndeclaredStats"])
+    with pytest.raises(UnknownColumnError, match=r"UndeclaredStats: .*\['n_reliable'\].*`analysis_columns`"):
+        run_local(cfg, log=lambda _: None)
+    assert not list((tmp_path / "runs").glob("*/results/*.parquet"))  # nothing half-written
+
+
 def part_schemas(run_dir: Path, kind: str) -> list:
     return [pq.read_schema(p).remove_metadata() for p in sorted((run_dir / kind).glob("part-*.parquet"))]
 

@@ -130,8 +130,7 @@ def check_fields(rows: Iterable[dict[str, Any]], schema: pa.Schema, what: str) -
         unknown = set(row) - known
         if unknown:
             raise UnknownColumnError(f"{what} row has field(s) {sorted(unknown)} that its schema does not hold "
-                                     "(ttt/schema.py declares every column; a method's `analysis_columns` pick its "
-                                     "analysis columns from ANALYSIS_SCHEMA)")
+                                     "(ttt/schema.py declares every column)")
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema, what: str = "output") -> pa.Table:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.job.metrics import add_metrics
 from pipeline.job.protocol import streams_text
-from ttt.schema import LENS_SCHEMA, results_schema, to_table
+from ttt.schema import LENS_SCHEMA, UnknownColumnError, results_schema, to_table
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -70,14 +70,20 @@ class PartColumns:
 
     analysis: pa.Schema
     probs: bool = False
+    method: str = ""  # ttt.method, for the error a record with an undeclared field gets
 
     def results(self, rows: Iterable[dict[str, Any]]) -> pa.Schema:
         return results_schema(rows, probs=self.probs)
 
     def tables(self, rows: dict[str, Any]) -> list[tuple[str, pa.Table]]:
         """(folder, table) of each part a chunk of rows writes: results, analysis, and lens when it has rows."""
+        try:
+            analysis = to_table(rows["analysis"], self.analysis, "analysis")
+        except UnknownColumnError as exc:  # say whose declaration lacks it, and where it goes
+            raise UnknownColumnError(f"ttt.method={self.method}: {exc.args[0]}; a method declares the analysis "
+                                     "columns it fills in its class's `analysis_columns`") from None
         tables = [("results", to_table(rows["results"], self.results(rows["results"]), "results")),
-                  ("analysis", to_table(rows["analysis"], self.analysis, "analysis"))]
+                  ("analysis", analysis)]
         if rows.get("lens"):
             tables.append(("lens", to_table(rows["lens"], LENS_SCHEMA, "lens")))
         return tables

@@ -168,7 +168,7 @@ class Run:
 def part_columns(cfg: RunConfig) -> PartColumns:
     """The columns of a run's parts: its method's analysis columns, `probs` with outputs.save_probs.
     Refuses (ValueError) a method whose `analysis_columns` name a column ttt/schema.py does not declare."""
-    return PartColumns(method_analysis_schema(cfg.ttt.method, cfg.model.kind), cfg.outputs.save_probs)
+    return PartColumns(method_analysis_schema(cfg.ttt.method, cfg.model.kind), cfg.outputs.save_probs, cfg.ttt.method)
 
 
 def restarts(resumes: list[dict[str, Any]]) -> int:
