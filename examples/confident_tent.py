@@ -16,6 +16,8 @@ from ttt.params import use_batch_norm_stats
 
 class ConfidentTent(GradientMethod):
     name = "confident_tent"  # how errors and the worker's info name it; results carry the reference
+    # the analysis columns its records fill besides the common ones (names from ttt/schema.py)
+    analysis_columns = GradientMethod.analysis_columns + ("n_reliable",)
 
     def configure(self) -> None:
         super().configure()

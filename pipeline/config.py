@@ -163,6 +163,15 @@ class ProbeConfig(_Strict):
     threads: int = Field(1, ge=1)
 
 
+class OutputsConfig(_Strict):
+    """What a run's Parquet keeps besides the default columns (ttt/schema.py)."""
+
+    # each classifier row's full probability vector (`probs`: the softmax of the logits its prediction
+    # came from), for calibration or ensembles computed afterwards. Off by default: it adds one float
+    # per class to every row (4 kB a row for ImageNet's 1,000 classes, against ~0.1 kB without)
+    save_probs: bool = False
+
+
 class RunConfig(_Strict):
     experiment: str = "default"
     tag: str | None = None
@@ -174,6 +183,7 @@ class RunConfig(_Strict):
     workers: WorkerConfig = WorkerConfig()
     kb: KBConfig = KBConfig()  # used by method nn only
     probes: ProbeConfig = ProbeConfig()  # do not change the results (not in the config hash)
+    outputs: OutputsConfig = OutputsConfig()
 
     @field_validator("run_id")
     @classmethod
@@ -181,6 +191,13 @@ class RunConfig(_Strict):
         if value is not None:
             check_run_id(value)
         return value
+
+    @model_validator(mode="after")
+    def _probs_need_classes(self) -> "RunConfig":
+        if self.outputs.save_probs and self.model.kind != "image_classifier":
+            raise ValueError("outputs.save_probs applies to model.kind=image_classifier (a causal LM's rows score "
+                             "text: they have no class probabilities)")
+        return self
 
     def results_key(self) -> dict[str, Any]:
         """What fixes the results: data, model, method, shard count and precision (not the other
@@ -196,6 +213,8 @@ class RunConfig(_Strict):
         }
         if self.ttt.method == "nn":  # the KB changes nn's results; other methods never read it
             key["kb"] = self.kb.model_dump(include={"dir", "index", "nprobe", "ef_search"})
+        if self.outputs.save_probs:  # another results schema: a resume must not mix parts with and without
+            key["outputs"] = {"save_probs": True}  # (only when on, so earlier runs keep their hash)
         return json.loads(json.dumps(key, default=str))
 
     def config_hash(self) -> str:
@@ -262,7 +281,8 @@ def _format_error(err: ValidationError) -> str:
         return f"config error: unknown field {field!r}"
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r:.80})"
-    return f"config error: {field}: {first['msg'].removeprefix('Value error, ')}{shown}"
+    where = f"{field}: " if first["loc"] else ""  # a check across sections names its fields itself
+    return f"config error: {where}{first['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def check_unique_keys(text: str, source: str, error: type[ValueError] = ConfigError) -> None:

@@ -52,6 +52,7 @@ from lm_eval.api.registry import register_model
 from pipeline.config import ConfigError, check_run_id, check_unique_keys, load_config
 from pipeline.job.outputs import write_json, write_shard
 from pipeline.job.provenance import new_run_id
+from pipeline.job.record import part_columns
 from ttt import TTTConfig, build_method
 from ttt.record import new_record
 from workers.stream import result_row
@@ -232,7 +233,8 @@ class TTTHarnessLM(LM):
 
     def _write(self, shard: int, outputs: list[dict[str, Any]], request_rows: list[dict[str, Any]]) -> None:
         write_shard(self.run_dir, shard, {"results": [o["result"] for o in outputs],
-                                          "analysis": [o["analysis"] for o in outputs]}, self.cfg.config_hash())
+                                          "analysis": [o["analysis"] for o in outputs]}, self.cfg.config_hash(),
+                    part_columns(self.cfg))
         (self.run_dir / "requests").mkdir(exist_ok=True)
         rows = [{name: r.get(name) for name in REQUEST_SCHEMA.names} for r in request_rows]
         pq.write_table(pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA),

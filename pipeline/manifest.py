@@ -31,9 +31,15 @@ def check_manifest(path: str | Path, kind: str = "image_classifier") -> int:
     if p.is_dir() and not manifest_files(p):
         raise ManifestError(f"manifest directory {p} holds no Parquet files")
     try:
-        names = set(pq.read_schema(p).names) if p.is_file() else set(pq.ParquetDataset(p).schema.names)
+        schema = pq.read_schema(p) if p.is_file() else pq.ParquetDataset(p).schema
     except Exception as exc:
         raise ManifestError(f"manifest {p} is not readable Parquet: {str(exc).splitlines()[0]}") from None
+    names = set(schema.names)
+    # the results carry these two through per row (ttt/schema.py types them: string, int32)
+    for name, fits, what in (("corruption", _is_text, "text"), ("severity", pa.types.is_integer, "integers")):
+        if name in names and not fits(schema.field(name).type):
+            raise ManifestError(f"manifest {p}: column {name!r} must hold {what}, not {schema.field(name).type} "
+                                "(the results carry it per row)")
     if "sample_id" not in names:
         raise ManifestError(f"manifest {p}: missing column 'sample_id'")
     payload = ("text",) if kind == "causal_lm" else ("path", "pixels")
@@ -62,6 +68,12 @@ def check_manifest(path: str | Path, kind: str = "image_classifier") -> int:
         dup = pc.unique(ordered.slice(1).filter(repeated))
         raise ManifestError(f"manifest {p}: sample_id {dup[0].as_py()!r} appears more than once ({len(dup)} duplicated ids)")
     return len(ids)
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
 
 
 def utf8_errors(column: pa.Array) -> list[str | None] | None:

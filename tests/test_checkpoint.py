@@ -134,6 +134,9 @@ def test_driver_killed_mid_shard_resumes_from_the_last_commit(small_default, tmp
     b = pd.read_parquet(tmp_path / "runs" / "undisturbed" / "results").sort_values("position").drop(columns="run_id")
     assert a["sample_id"].is_unique and len(a) == len(b) == pq.read_metadata(small_default["manifest"]).num_rows
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    for kind in ("results", "analysis"):  # parts written before the kill and after the resume: one schema
+        schemas = {pq.read_schema(p).remove_metadata() for p in (tmp_path / "runs" / "killed" / kind).glob("part-*")}
+        assert len(schemas) == 1, kind
     assert not list((tmp_path / "runs" / "killed").rglob("*.tmp"))
     assert not list((tmp_path / "runs" / "killed" / "state").glob("*"))  # finished shards keep no checkpoint
     record = json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())

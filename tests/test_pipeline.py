@@ -109,7 +109,7 @@ def test_tent_exactly_once_and_deterministic_across_worker_counts(ray_session, s
     pd.testing.assert_frame_equal(ra, rb)
     analysis = pd.read_parquet(a / "analysis")
     assert (analysis["updated_param_count"] > 0).all() and (analysis["steps"] == 1).all()
-    assert analysis["timing_embedding"].isna().all() and (analysis["timing_total"] >= 0).all()
+    assert "timing_embedding" not in analysis and (analysis["timing_total"] >= 0).all()  # a retrieval column
     assert set(analysis["shard"]) == {0, 1}
     # the two shards each start from the source model: shard 1's first batch equals a fresh run on it
     info = json.loads((a / "run.json").read_text())

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -269,3 +270,96 @@ def test_source_hash_names_the_code_that_ran(tmp_path: Path) -> None:
     tent = tmp_path / "ttt" / "methods" / "tent.py"
     tent.write_bytes(tent.read_bytes() + b"\n")
     assert source_hash(tmp_path) != source_hash(ROOT)
+
+
+# -- tidy rows for a pivot: run-level columns added at read time ---------------------------------------
+def test_run_level_columns_and_the_config_fields_that_vary(tmp_path: Path, zoo: dict[str, str]) -> None:
+    runs = query_runs(tmp_path, status="finished")
+    frame = runs.results()
+    stored = set(RESULTS_SCHEMA.names)
+    assert {"setting", "model", "seed", "ttt.lr", "experiment", "corruption", "severity"} <= set(frame.columns)
+    # only fields that differ among the runs; the run id, seed and method have columns of their own
+    assert not {"ttt.steps", "workers.num_shards", "run_id.1", "ttt.method", "ttt.seed"} & set(frame.columns)
+    assert set(frame.columns) - stored == {"setting", "model", "seed", "ttt.lr", "experiment"}
+    lr = frame.groupby("run_id")["ttt.lr"].unique().map(list).to_dict()
+    assert lr[zoo["lr"]] == [1e-2] and lr[zoo["base"]] == [1e-3]
+    assert frame.groupby("run_id")["model"].first()[zoo["lr"]] == "my.models:resnet"
+    assert frame["setting"].isna().all()  # the fixture's manifests say no setting
+    # what a pivot needs, with no join by hand
+    table = frame.pivot_table(values="correct", index="domain", columns=["method", "ttt.lr"], aggfunc="mean")
+    assert table.shape == (3, 3)
+    # explicit columns may name derived ones; unknown names are refused with the list of both kinds
+    assert list(runs.analysis(["batch_index", "ttt.lr", "method"]).columns) == ["batch_index", "ttt.lr", "method"]
+    with pytest.raises(ValueError, match="ttt.lr"):
+        runs.results(["nope"])
+    one = query_runs(tmp_path, method="cotta")
+    assert "ttt.lr" not in one.results().columns  # nothing varies within one run
+    per_run = runs.to_frame().set_index("run_id")
+    assert per_run.loc[zoo["lr"], "ttt.lr"] == 1e-2 and "setting" in per_run and "seed" in per_run
+
+
+def test_corruption_and_severity_from_the_domain_when_the_rows_lack_them(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, domains=("fog-5", "shot_noise-3", "clean"))
+    for part in (run_dir / "results").glob("part-*.parquet"):  # as a run written before the columns existed
+        pq.write_table(pq.read_table(part).drop_columns(["corruption", "severity"]), part)
+    frame = query_runs(tmp_path).results(["domain", "corruption", "severity"]).drop_duplicates()
+    got = {row.domain: (row.corruption, row.severity) for row in frame.itertuples()}
+    assert got == {"fog-5": ("fog", 5), "shot_noise-3": ("shot_noise", 3), "clean": (None, pd.NA)}
+    analysis = query_runs(tmp_path).analysis(["domain", "corruption", "severity"])
+    assert set(zip(analysis["domain"], analysis["corruption"])) >= {("fog-5", "fog")}
+
+
+@pytest.fixture
+def layout_manifest(tmp_path: Path) -> Path:
+    """A CIFAR-C layout of real digits (2 corruptions x 5 severity blocks of 16) and its mixed-domains
+    manifest at severities 3 and 5, which carries `corruption` and `severity` columns and its setting."""
+    from pipeline.benchmarks.layouts import build_manifest
+    from pipeline.embedded.mnistc import split_digits
+
+    split = split_digits(0)
+    root = tmp_path / "DIGITS-C"
+    root.mkdir()
+    for k, corruption in enumerate(("fog", "shot_noise")):
+        np.save(root / f"{corruption}.npy", np.concatenate([np.roll(split["x_test"][:16], k + s, axis=2) for s in range(5)]))
+    np.save(root / "labels.npy", np.tile(split["y_test"][:16], 5))
+    path, _ = build_manifest("cifar-c", root, tmp_path / "mixed.parquet", setting="mixed_domains",
+                             corruptions=["fog", "shot_noise"], severities=[3, 5])
+    return path
+
+
+def test_tidy_rows_of_real_runs(small_default, layout_manifest: Path, tmp_path: Path) -> None:
+    """Real Ray-free runs: two Tent runs on a benchmark manifest (corruption / severity columns, a
+    setting) at two learning rates and seeds, and a source run on the MNIST-C stream (a severity
+    column, plain corruption names as domains)."""
+    from pipeline.config import load_config
+    from pipeline.job.local import run_local
+
+    def run(config: str, manifest: Path, *extra: str) -> None:
+        run_local(load_config(REPO / "configs" / config, [
+            f"data.manifest={manifest}", f"model.checkpoint={small_default['checkpoint']}",
+            f"output_root={tmp_path / 'runs'}", "ttt.batch_size=16", *extra]), log=lambda _: None)
+
+    run("mnistc_tent.yaml", layout_manifest, "run_id=a", "ttt.lr=0.001", "ttt.seed=0")
+    run("mnistc_tent.yaml", layout_manifest, "run_id=b", "ttt.lr=0.01", "ttt.seed=1")
+    run("mnistc_source.yaml", small_default["manifest"], "run_id=c", "data.limit=48")
+    runs = query_runs(tmp_path / "runs")
+    results = runs.results()
+    by_run = results.groupby("run_id")
+    assert by_run.size().to_dict() == {"a": 64, "b": 64, "c": 48}
+    assert by_run["setting"].unique().map(list).to_dict() == {"a": ["mixed_domains"], "b": ["mixed_domains"], "c": [None]}
+    assert by_run["seed"].first().to_dict() == {"a": 0, "b": 1, "c": 0}
+    assert by_run["ttt.lr"].first()[["a", "b"]].tolist() == [0.001, 0.01]
+    assert (results["model"] == "pipeline.embedded.model:small_cnn").all()
+    bench = results[results["run_id"] != "c"]
+    assert (bench["corruption"] + "-" + bench["severity"].astype(str) == bench["domain"]).all()
+    assert set(bench["severity"]) == {3, 5}
+    mnist = results[results["run_id"] == "c"]
+    assert mnist["corruption"].isna().all() and (mnist["severity"] == 3).all()  # "shot_noise" names no severity
+    pivot = bench.pivot_table(values="correct", index=["corruption", "severity"], columns="ttt.lr", aggfunc="mean")
+    assert pivot.shape == (4, 2) and pivot.notna().all().all()
+    analysis = runs.analysis()
+    assert {"setting", "seed", "method", "ttt.lr", "corruption", "severity"} <= set(analysis.columns)
+    first = analysis[analysis["run_id"] == "a"].iloc[0]
+    assert first["corruption"] == first["domain"].split("-")[0] and first["method"] == "tent"
+    frame = runs.to_frame().set_index("run_id")
+    assert frame.loc["b", "setting"] == "mixed_domains" and frame.loc["b", "seed"] == 1

@@ -3,7 +3,8 @@ record (one row per adapted batch or query) and the logit-lens rows, with their 
 
 Writers (pipeline/job/outputs.py), the stream that builds rows (workers/stream.py), the analysis
 record (ttt/record.py), readers and reports all take their columns from here, so adding a metric
-is one edit here and a field a row carries that is not declared here fails loudly
+is one edit here (and, for an analysis column only some methods fill, its name in their
+`analysis_columns`), and a field a row carries that its schema does not hold fails loudly
 (`check_fields`) instead of vanishing. Pure pyarrow, no Ray.
 """
 from __future__ import annotations
@@ -22,7 +23,13 @@ RESULTS_SCHEMA = pa.schema([
     # step ran on the row's batch (False: the online protocol predicted it unadapted), the probability
     # of the true label, and the row's Brier score sum_k (p_k - [k = label])^2
     ("adapted", pa.bool_()), ("label_prob", pa.float64()), ("brier", pa.float64()),
+    # the row's manifest columns of the same names, passed through when the manifest has them (the
+    # benchmark layouts write both; pipeline/manifest.py checks their types), else null
+    ("corruption", pa.string()), ("severity", pa.int32()),
 ])
+# outputs.save_probs (classifiers): the softmax of the logits the row's prediction came from, so
+# calibration and ensembles can be computed afterwards; off by default (C floats per row)
+PROBS_SCHEMA = pa.schema([("probs", pa.list_(pa.float32()))])
 # causal-LM rows add these (multiple-choice rows also `choice_logliks`)
 LM_RESULT_SCHEMA = pa.schema([
     ("nll", pa.float64()), ("n_tokens", pa.int64()), ("n_bytes", pa.int64()), ("bits_per_byte", pa.float64()),
@@ -38,6 +45,7 @@ ANALYSIS_SCHEMA = pa.schema([
     ("stop_reason", pa.string()), ("updated_param_count", pa.int64()), ("mask_ratio", pa.float64()),
     ("class_entropy", pa.float64()), ("max_class_prob", pa.float64()), ("unique_classes", pa.int64()),
     ("diversity_weight", pa.float64()), ("grad_norm", pa.float64()), ("domain", pa.string()),
+    ("corruption", pa.string()), ("severity", pa.int32()),  # of the batch's first row, as `domain`
     ("timing_embedding", pa.float64()), ("timing_cache_lookup", pa.float64()),
     ("timing_kb_retrieval", pa.float64()), ("timing_fine_tuning", pa.float64()),
     ("timing_forward_pass", pa.float64()), ("timing_wait_input", pa.float64()), ("timing_total", pa.float64()),
@@ -82,16 +90,38 @@ PROBES_SCHEMA = pa.schema([
 ])
 
 ANALYSIS_FIELDS: tuple[str, ...] = tuple(ANALYSIS_SCHEMA.names)
+# The analysis columns of every run, whatever its method: what the stream records about each batch
+# (workers/stream.py) and what every method's step reports (ttt/methods/base.py `Method.step`). A
+# method adds the columns it fills (`analysis_columns` on its class), and a run's analysis parts hold
+# just those (`analysis_schema`), so a Tent run carries no all-null SAR or RMT columns; the registry
+# reads runs of several methods together with nulls where a column does not apply.
+COMMON_ANALYSIS_COLUMNS: tuple[str, ...] = (
+    "run_id", "shard", "batch_index", "sample_ids", "domain", "corruption", "severity", "worker",
+    "steps", "stop_reason", "updated_param_count", "class_entropy", "max_class_prob", "unique_classes",
+    "timing_forward_pass", "timing_fine_tuning", "timing_wait_input", "timing_total",
+    "adapted", "periodic_reset", "forward_passes", "backward_passes", "peak_rss_mb", "peak_gpu_mb",
+)
 
 
 class UnknownColumnError(KeyError):
     """A row carries a field no output schema declares."""
 
 
-def results_schema(rows: Iterable[dict[str, Any]]) -> pa.Schema:
-    """The results schema for these rows: LM columns when any row scored text."""
+def results_schema(rows: Iterable[dict[str, Any]], probs: bool = False) -> pa.Schema:
+    """The results schema for these rows: LM columns when any row scored text, `probs` when the run
+    keeps them (a run-level choice, not the rows': every part of the run has the column)."""
     lm = any("bits_per_byte" in r for r in rows)
-    return pa.schema(list(RESULTS_SCHEMA) + (list(LM_RESULT_SCHEMA) if lm else []))
+    return pa.schema(list(RESULTS_SCHEMA) + (list(LM_RESULT_SCHEMA) if lm else []) + (list(PROBS_SCHEMA) if probs else []))
+
+
+def analysis_schema(columns: Iterable[str] = ()) -> pa.Schema:
+    """The analysis schema of a method that fills `columns` besides the common ones, in
+    ANALYSIS_SCHEMA's order and types; a name ANALYSIS_SCHEMA does not declare is refused."""
+    wanted = set(COMMON_ANALYSIS_COLUMNS) | set(columns)
+    unknown = wanted - set(ANALYSIS_FIELDS)
+    if unknown:
+        raise UnknownColumnError(f"analysis column(s) {sorted(unknown)} are not declared in ttt/schema.py's ANALYSIS_SCHEMA")
+    return pa.schema([f for f in ANALYSIS_SCHEMA if f.name in wanted])
 
 
 def check_fields(rows: Iterable[dict[str, Any]], schema: pa.Schema, what: str) -> None:
@@ -99,7 +129,8 @@ def check_fields(rows: Iterable[dict[str, Any]], schema: pa.Schema, what: str) -
     for row in rows:
         unknown = set(row) - known
         if unknown:
-            raise UnknownColumnError(f"{what} row has field(s) {sorted(unknown)} that ttt/schema.py does not declare")
+            raise UnknownColumnError(f"{what} row has field(s) {sorted(unknown)} that its schema does not hold "
+                                     "(ttt/schema.py declares every column)")
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema, what: str = "output") -> pa.Table:

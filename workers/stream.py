@@ -50,6 +50,14 @@ def _domain(row: dict[str, Any]) -> str | None:
     return str(domain)
 
 
+def manifest_facts(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's `corruption` and `severity` manifest columns, which the results and analysis rows
+    carry through (None where the manifest has no such column; pipeline/manifest.py checks types)."""
+    corruption, severity = row.get("corruption"), row.get("severity")
+    return {"corruption": None if corruption is None else str(corruption),
+            "severity": None if severity is None else int(severity)}
+
+
 def result_row(row: dict[str, Any], *, run_id: str, shard: int, method: str, position: int,
                prediction: dict[str, Any] | None = None, error: str | None = None,
                adapter_source: str = "none") -> dict[str, Any]:
@@ -57,7 +65,7 @@ def result_row(row: dict[str, Any], *, run_id: str, shard: int, method: str, pos
     pred = (prediction or {}).get("prediction")
     out = {
         "run_id": run_id, "sample_id": str(row["sample_id"]), "shard": shard, "position": position,
-        "domain": _domain(row), "method": method, "prediction": pred, "label": label,
+        "domain": _domain(row), **manifest_facts(row), "method": method, "prediction": pred, "label": label,
         "correct": None if pred is None or label is None or error else pred == label,
         "confidence": (prediction or {}).get("confidence"), "entropy": (prediction or {}).get("entropy"),
         "adapter_source": adapter_source if error is None else "none", "error": error,
@@ -91,12 +99,14 @@ class StreamState:
 def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, run_id: str, shard: int,
                   worker: str, first_position: int = 0, start: StreamState | None = None,
                   checkpoint_every: int | None = None, precision: str = "fp32",
-                  on_batch: Callable[[int], None] | None = None, final_state: bool = False) -> Iterator[dict[str, Any]]:
+                  on_batch: Callable[[int], None] | None = None, final_state: bool = False,
+                  save_probs: bool = False) -> Iterator[dict[str, Any]]:
     """Run `method` over `rows` (one shard's rows from `start.offset` on, in order) and yield a chunk
     every `checkpoint_every` batches and at the end: {"results", "analysis", "lens", "state"} where
     `state` is the StreamState after the chunk's last batch. Starting from a chunk's state gives
     the rows an uninterrupted stream gives, bit for bit. `final_state`: the last chunk also carries
-    the end-of-stream method state under `final_method_state` (for the probes)."""
+    the end-of-stream method state under `final_method_state` (for the probes). `save_probs`: each
+    classifier result row keeps its probability vector (`probs`, outputs.save_probs)."""
     cfg = method.cfg
     state = start or StreamState()
     method.reset()
@@ -129,7 +139,7 @@ def stream_chunks(adapter: Any, method: Any, rows: Iterable[dict[str, Any]], *, 
         else:
             prev_domain = _run_batch(adapter, method, chunk, positions, common, out, batch_index=batch_index,
                                      prev_domain=prev_domain, worker=worker, precision=precision,
-                                     t0=t0, wait=t0 - t_wait)
+                                     t0=t0, wait=t0 - t_wait, save_probs=save_probs)
         batch_index += 1
         offset += len(chunk)
         batches_in_chunk += 1
@@ -153,7 +163,7 @@ def _empty_chunk() -> dict[str, Any]:
 
 def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions: dict[int, int],
                common: dict[str, Any], out: dict[str, Any], *, batch_index: int, prev_domain: str | None,
-               worker: str, precision: str, t0: float, wait: float) -> str | None:
+               worker: str, precision: str, t0: float, wait: float, save_probs: bool = False) -> str | None:
     """Adapt and predict one batch, appending its result rows, analysis record and lens rows to `out`."""
     cfg = method.cfg
     domain = _domain(chunk[0])
@@ -179,7 +189,8 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
         _protocol_after(method, adapt, passes)
         if step is not None:
             preds = _with_protocol_fields(preds, step.logits, batch.records, adapt,
-                                          class_scores=getattr(adapter, "kind", None) != "causal_lm")
+                                          class_scores=getattr(adapter, "kind", None) != "causal_lm",
+                                          save_probs=save_probs)
             source = step.record.pop("adapter_source", "none")
             for row in step.record.pop("logit_lens", None) or []:
                 sample_id = str(batch.records[row.pop("sample_index")]["sample_id"])
@@ -192,7 +203,7 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
             rec = new_record(**step.record)
             rss_mb, gpu_mb = peak_memory_mb()
             rec.update(run_id=common["run_id"], shard=common["shard"], batch_index=batch_index, worker=worker,
-                       domain=domain, sample_ids=[str(r["sample_id"]) for r in batch.records],
+                       domain=domain, **manifest_facts(chunk[0]), sample_ids=[str(r["sample_id"]) for r in batch.records],
                        timing_wait_input=wait, timing_total=time.perf_counter() - t0,
                        adapted=adapt, periodic_reset=periodic, forward_passes=passes[0], backward_passes=passes[1],
                        peak_rss_mb=rss_mb, peak_gpu_mb=gpu_mb)
@@ -228,15 +239,19 @@ def _protocol_after(method: Any, adapted: bool, passes: list[float]) -> None:
 
 
 def _with_protocol_fields(preds: list[dict[str, Any]], logits: torch.Tensor, records: list[dict[str, Any]],
-                          adapted: bool, class_scores: bool = True) -> list[dict[str, Any]]:
+                          adapted: bool, class_scores: bool = True, save_probs: bool = False) -> list[dict[str, Any]]:
     """Each prediction row plus `adapted` and, for class scores, the calibration inputs
-    `label_prob` and `brier` (ttt/calibration.py)."""
+    `label_prob` and `brier` (ttt/calibration.py) and, with `save_probs`, the probability vector
+    itself: all from the one softmax of the logits the prediction came from."""
     extra: list[dict[str, Any]] = [{"adapted": adapted} for _ in preds]
     if class_scores and logits.dim() == 2 and logits.shape[0] == len(preds):
         probs = logits.detach().float().softmax(1).cpu().numpy()
         label_prob, briers = row_scores(probs, [_label(r) for r in records])
         for e, lp, b in zip(extra, label_prob, briers):
             e.update(label_prob=lp, brier=b)
+        if save_probs:
+            for e, p in zip(extra, probs):
+                e["probs"] = p  # float32, as the schema stores it
     return [{**p, **e} for p, e in zip(preds, extra)]
 
 

@@ -153,7 +153,8 @@ class TTTWorker:
         chunks = stream_chunks(self.adapter, self.method, rows, run_id=self.run_id, shard=shard, worker=self.name,
                                first_position=task["first_position"], start=start,
                                checkpoint_every=task["checkpoint_every"], precision=task.get("precision", "fp32"),
-                               on_batch=self._advance, final_state=task.get("final_state", False))
+                               on_batch=self._advance, final_state=task.get("final_state", False),
+                               save_probs=task.get("save_probs", False))
         for chunk in chunks:
             st = chunk.pop("state")
             timeline["first_batch"] = self._progress.get("first_batch_at")

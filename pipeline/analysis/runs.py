@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,20 +26,28 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.analysis.tidy import (
+    DOMAIN_COLUMNS,
+    MISSING,
+    add_run_columns,
+    derived_columns,
+    dotted,
+    manifest_setting,
+    run_facts,
+    varying_fields,
+)
 from pipeline.job.outputs import write_json
 
 # Run identity and provenance live in pipeline.job.provenance (the job imports them from there); they are
 # re-exported so a notebook finds every run-registry helper in one module.
 from pipeline.job.provenance import git_commit, new_run_id, package_versions
-from pipeline.manifest import read_manifest_meta
 from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, PROBES_SCHEMA, RESULTS_SCHEMA
 
-__all__ = ["RunSet", "query_runs", "run_labels", "new_run_id", "git_commit", "package_versions"]
+__all__ = ["RunSet", "query_runs", "run_labels", "manifest_setting", "new_run_id", "git_commit", "package_versions"]
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 KINDS = {"results": RESULTS_SCHEMA, "analysis": ANALYSIS_SCHEMA, "lens": LENS_SCHEMA, "probes": PROBES_SCHEMA}
-_MISSING = object()
 
 
 def _read_run_json(run_dir: Path) -> dict[str, Any]:
@@ -52,14 +60,6 @@ def _read_run_json(run_dir: Path) -> dict[str, Any]:
 def _part_files(run_dir: Path, kind: str) -> list[Path]:
     # Only committed parts: temporary `.part-*.tmp` files and `_SUCCESS-*` markers are skipped.
     return sorted((run_dir / kind).glob("part-*.parquet"))
-
-
-def _dotted(mapping: Any, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(mapping, Mapping) or part not in mapping:
-            return _MISSING
-        mapping = mapping[part]
-    return mapping
 
 
 def _as_utc(value: datetime | str) -> datetime:
@@ -85,7 +85,17 @@ def _value_matches(actual: Any, wanted: Any) -> bool:
 
 
 class RunSet:
-    """An ordered selection of run directories (oldest first). Indexing gives run.json's dict."""
+    """An ordered selection of run directories (oldest first). Indexing gives run.json's dict.
+
+    `results()`, `analysis()`, `lens()` and `probes()` give tidy rows: the stored columns (ttt/schema.py)
+    plus, added at read time from each row's run.json (pipeline/analysis/tidy.py), `setting` (the
+    manifest's), `model`, `method`, `seed` (ttt.seed) and every config field whose value differs
+    among the selected runs, by its dotted name (`ttt.lr`); rows with a `domain` also get `corruption`
+    and `severity` (the manifest's columns, else parsed from a `<name>-<int>` domain, else null). So
+    `runs.results().pivot_table("correct", "corruption", ["method", "ttt.lr"])` needs no join.
+    `columns=[...]` may name any of them; `schema(kind)` is the stored columns only. `to_frame()` is
+    one row per run with the same run-level columns.
+    """
 
     def __init__(self, runs: Iterable[tuple[Path, dict[str, Any]]] = ()):
         self._runs: list[tuple[Path, dict[str, Any]]] = list(runs)
@@ -161,15 +171,21 @@ class RunSet:
         return one.results(), one.analysis(), dict(self._runs[index][1])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per run: metadata and headline metrics from summary.json, `error/<domain>` columns."""
+        """One row per run: metadata and headline metrics from summary.json, the run's `setting` and
+        `seed`, the config fields that differ among the runs (dotted names), `error/<domain>` columns."""
         rows = []
-        for i, (_, meta) in enumerate(self._runs):
+        metas = list(self)
+        varying = varying_fields(metas)
+        for i, meta in enumerate(metas):
             summary = self.summary(i) or {}
             overall = summary.get("overall") or {}
+            facts = run_facts(meta)
             row = {"run_id": meta.get("run_id"), "experiment": meta.get("experiment"), "tag": meta.get("tag"),
                    "method": meta.get("method"), "model": meta.get("model"), "dataset": meta.get("dataset"),
                    "status": meta.get("status"), "started_at": _started(meta),
-                   "n": overall.get("n"), "error": overall.get("error")}
+                   "n": overall.get("n"), "error": overall.get("error"),
+                   "setting": facts["setting"], "seed": facts["seed"]}
+            row.update({name: values[i] for name, values in varying.items() if name not in row})
             if overall.get("bits_per_byte") is not None:
                 row["bits_per_byte"] = overall["bits_per_byte"]
             for domain, stats in (summary.get("per_domain") or {}).items():
@@ -210,14 +226,27 @@ class RunSet:
     def _scan(self, kind: str, columns: list[str] | None) -> pd.DataFrame:
         files = self._files(kind)
         schema = self.schema(kind)
+        metas = list(self)
+        available = schema.names + derived_columns(metas, schema.names)
         if columns is not None:
-            unknown = [c for c in columns if c not in schema.names]
+            unknown = [c for c in columns if c not in available]
             if unknown:
-                raise ValueError(f"no {kind} column(s) {unknown}; available: {schema.names}")
-        if not files:
-            return schema.empty_table().select(columns or schema.names).to_pandas()
-        dataset = ds.dataset([str(f) for f in files], schema=schema, format="parquet")
-        return dataset.to_table(columns=columns).to_pandas()
+                raise ValueError(f"no {kind} column(s) {unknown}; available: {available}")
+        wanted = list(dict.fromkeys(columns if columns is not None else available))
+        # what is added at read time: run-level columns, and corruption / severity filled from the domain
+        fill = [c for c in DOMAIN_COLUMNS if c in wanted] if "domain" in schema.names else []
+        add = [c for c in wanted if c not in schema.names] + [c for c in fill if c in schema.names]
+        read = [c for c in wanted if c in schema.names]
+        read += ["run_id"] * bool(set(add) - set(DOMAIN_COLUMNS)) + ["domain"] * bool(fill)
+        read = list(dict.fromkeys(read))
+        if files:
+            table = ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table(columns=read)
+        else:
+            table = schema.empty_table().select(read)
+        frame = table.to_pandas()
+        if add:
+            add_run_columns(frame, metas, add, frame.get("run_id"), frame["domain"] if fill else None)
+        return frame[wanted]
 
 
 def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None = None,
@@ -249,7 +278,7 @@ def query_runs(root: str | Path = "runs", experiment: str | Iterable[str] | None
             continue
         if since_utc is not None and ((started := _started(meta)) is None or started < since_utc):
             continue
-        if config and not all(_value_matches(_dotted(meta.get("config"), k), v) for k, v in config.items()):
+        if config and not all(_value_matches(dotted(meta.get("config"), k), v) for k, v in config.items()):
             continue
         found.append((run_dir, meta))
     # The directory name is the run id, which sorts by start time; started_at decides first
@@ -265,22 +294,11 @@ LABEL_FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def manifest_setting(meta: dict[str, Any]) -> str | None:
-    """The evaluation setting a run's manifest was written with (pipeline.benchmarks.settings), if it says."""
-    manifest = _dotted(meta.get("config"), "data.manifest")
-    if not isinstance(manifest, str):
-        return None
-    try:
-        return read_manifest_meta(manifest).get("setting")
-    except (OSError, ValueError):
-        return None
-
-
 def _label_fact(meta: dict[str, Any], field: str) -> Any:
     if field == "setting":
         return manifest_setting(meta)
-    value = _dotted(meta.get("config"), field)
-    return None if value is _MISSING else value
+    value = dotted(meta.get("config"), field)
+    return None if value is MISSING else value
 
 
 def run_labels(runs: RunSet) -> list[str]:

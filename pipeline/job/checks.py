@@ -19,7 +19,8 @@ from pipeline.embedded.resolve import ensure_kb, resolve_defaults
 from pipeline.job.protocol import resolve_shards
 from pipeline.manifest import check_manifest
 from ttt import build_method
-from ttt.methods import method_class
+from ttt.methods import method_analysis_schema, method_class
+from ttt.schema import UnknownColumnError
 from workers.adapter_cache import AdapterCacheActor
 from workers.clients import CacheClient, KBClient
 from workers.kb_actor import KBRetrievalActor
@@ -74,6 +75,10 @@ def check_model_loads(cfg: RunConfig) -> tuple[RunConfig, Any]:
         cls = method_class(cfg.ttt.method, cfg.model.kind)  # a `pkg.mod:Class` reference is imported and checked here
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        method_analysis_schema(cfg.ttt.method, cfg.model.kind)  # what the run's analysis parts hold
+    except UnknownColumnError as exc:  # a plug-in method's analysis_columns may pick only declared columns
+        raise ConfigError(f"ttt.method={cfg.ttt.method}: {exc.args[0]}") from None
     missing = [h for h in cls.required_hooks if not adapter.has_hook(h)]
     if missing:
         raise ConfigError(f"ttt.method={cfg.ttt.method} needs hook(s) {missing} that model {cfg.model.factory} "

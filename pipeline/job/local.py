@@ -33,7 +33,7 @@ from pipeline.job.inputs import InputSpec, block_ranges, block_rows, count_rows,
 from pipeline.job.outputs import RunFailed, summarise_run, write_json, write_shard
 from pipeline.job.protocol import finish_checks
 from pipeline.job.provenance import new_run_id
-from pipeline.job.record import run_info
+from pipeline.job.record import part_columns, run_info
 from ttt import TTTConfig, build_method
 from workers.stream import stream_chunks
 from workers.ttt_worker import build_adapter
@@ -75,8 +75,10 @@ def run_local(cfg: RunConfig, *, write: bool = True, log: Any = print) -> LocalR
     torch.manual_seed(cfg.ttt.seed)
     t0 = time.perf_counter()
     (out,) = stream_chunks(adapter, method, local_rows(cfg, facts), run_id=run_id, shard=0, worker="local",
-                           precision=cfg.workers.precision)
+                           precision=cfg.workers.precision, save_probs=cfg.outputs.save_probs)
     out.pop("state")
+    columns = part_columns(cfg)
+    tables = dict(columns.tables(out))  # the frames below hold the columns and types of the Parquet parts
     wall = time.perf_counter() - t0
     summary: dict[str, Any] = {}
     if run_dir is not None:
@@ -84,7 +86,7 @@ def run_local(cfg: RunConfig, *, write: bool = True, log: Any = print) -> LocalR
                         inputs_fingerprint(cfg.data.manifest, cfg.model.model_dump()))
         info["mode"] = "local"
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_shard(run_dir, 0, out, cfg.config_hash())
+        write_shard(run_dir, 0, out, cfg.config_hash(), columns)
         summary = summarise_run(run_dir)
         summary["throughput"] = {"wall_s": wall, "rows_processed": len(out["results"]),
                                  "samples_per_s": len(out["results"]) / wall if wall > 0 else None}
@@ -99,4 +101,4 @@ def run_local(cfg: RunConfig, *, write: bool = True, log: Any = print) -> LocalR
             raise RunFailed(f"run {run_id}: {failure}")
         for warning in summary["warnings"]:
             log(f"WARNING: {warning}")
-    return LocalRun(pd.DataFrame(out["results"]), pd.DataFrame(out["analysis"]), run_dir, summary)
+    return LocalRun(tables["results"].to_pandas(), tables["analysis"].to_pandas(), run_dir, summary)

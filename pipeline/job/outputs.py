@@ -11,7 +11,8 @@ import errno
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.job.metrics import add_metrics
 from pipeline.job.protocol import streams_text
-from ttt.schema import ANALYSIS_SCHEMA, LENS_SCHEMA, results_schema, to_table
+from ttt.schema import LENS_SCHEMA, UnknownColumnError, results_schema, to_table
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -60,14 +61,40 @@ def marker_path(run_dir: Path, shard: int) -> Path:
     return run_dir / "results" / f"_SUCCESS-{shard:05d}.json"
 
 
-def write_shard(run_dir: Path, shard: int, rows: dict[str, list[dict[str, Any]]], config_hash: str) -> None:
+@dataclass(frozen=True)
+class PartColumns:
+    """The columns of a run's parts, fixed by its config when it starts, so that every part of the run
+    (each chunk, a resumed shard's, one without an adapted batch) has the same schema: the analysis
+    columns of the method that runs (its `analysis_columns`) and whether results keep `probs`
+    (`pipeline.job.record.part_columns` makes it from a config; here no torch is imported)."""
+
+    analysis: pa.Schema
+    probs: bool = False
+    method: str = ""  # ttt.method, for the error a record with an undeclared field gets
+
+    def results(self, rows: Iterable[dict[str, Any]]) -> pa.Schema:
+        return results_schema(rows, probs=self.probs)
+
+    def tables(self, rows: dict[str, Any]) -> list[tuple[str, pa.Table]]:
+        """(folder, table) of each part a chunk of rows writes: results, analysis, and lens when it has rows."""
+        try:
+            analysis = to_table(rows["analysis"], self.analysis, "analysis")
+        except UnknownColumnError as exc:  # say whose declaration lacks it, and where it goes
+            raise UnknownColumnError(f"ttt.method={self.method}: {exc.args[0]}; a method declares the analysis "
+                                     "columns it fills in its class's `analysis_columns`") from None
+        tables = [("results", to_table(rows["results"], self.results(rows["results"]), "results")),
+                  ("analysis", analysis)]
+        if rows.get("lens"):
+            tables.append(("lens", to_table(rows["lens"], LENS_SCHEMA, "lens")))
+        return tables
+
+
+def write_shard(run_dir: Path, shard: int, rows: dict[str, list[dict[str, Any]]], config_hash: str,
+                columns: PartColumns) -> None:
     """Write a shard's results and analysis parts (and its logit-lens part, when it has one),
     then the marker that makes the shard count as done."""
     results = rows["results"]
-    tables = [("results", to_table(results, results_schema(results), "results")),
-              ("analysis", to_table(rows["analysis"], ANALYSIS_SCHEMA, "analysis"))]
-    if rows.get("lens"):
-        tables.append(("lens", to_table(rows["lens"], LENS_SCHEMA, "lens")))
+    tables = columns.tables(rows)
     for sub, table in tables:
         _write_part(run_dir / sub, part_name(shard), table)
     write_json(marker_path(run_dir, shard), {"shard": shard, "rows": len(results), "config_hash": config_hash})
@@ -96,7 +123,8 @@ def _write_part(folder: Path, name: str, table: pa.Table) -> None:
         raise
 
 
-def commit_chunk(run_dir: Path, chunk: dict[str, Any], previous: dict[str, Any] | None, fingerprint: str) -> dict[str, Any]:
+def commit_chunk(run_dir: Path, chunk: dict[str, Any], previous: dict[str, Any] | None, fingerprint: str,
+                 columns: PartColumns) -> dict[str, Any]:
     """Commit one streamed chunk of a shard: its parts, then its checkpoint, then the marker that
     makes them count (each under a temporary name, renamed). A crash at any point leaves the
     previous commit in force; what was written after it is removed on resume. Returns the commit."""
@@ -104,10 +132,8 @@ def commit_chunk(run_dir: Path, chunk: dict[str, Any], previous: dict[str, Any] 
     index = 0 if previous is None else previous["chunk"] + 1
     name = chunk_part_name(shard, index)
     results = chunk["results"]
-    _write_part(run_dir / "results", name, to_table(results, results_schema(results), "results"))
-    _write_part(run_dir / "analysis", name, to_table(chunk["analysis"], ANALYSIS_SCHEMA, "analysis"))
-    if chunk.get("lens"):
-        _write_part(run_dir / "lens", name, to_table(chunk["lens"], LENS_SCHEMA, "lens"))
+    for sub, table in columns.tables(chunk):
+        _write_part(run_dir / sub, name, table)
     state_name = None
     if chunk.get("method_state") is not None:
         state_name = f"shard-{shard:05d}-{index:05d}.pt"

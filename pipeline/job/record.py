@@ -14,14 +14,14 @@ from pipeline.job.checks import check_resume, prepare_run
 from pipeline.job.fingerprint import inputs_fingerprint, run_fingerprint
 from pipeline.job.inputs import InputSpec, count_rows
 from pipeline.job.lock import RunLock
-from pipeline.job.outputs import RunFailed, committed_shards, summarise_run, write_json
+from pipeline.job.outputs import PartColumns, RunFailed, committed_shards, summarise_run, write_json
 from pipeline.job.pool import SharedActors
 from pipeline.job.progress import log
 from pipeline.job.protocol import finish_checks, protocol
 from pipeline.job.provenance import git_commit, new_run_id, package_versions, source_hash
 from pipeline.job.signals import Interrupted, critical
 from pipeline.manifest import read_manifest_meta
-from ttt.methods import method_class
+from ttt.methods import method_analysis_schema, method_class
 
 if TYPE_CHECKING:
     from pipeline.job.pool import Pool
@@ -41,6 +41,7 @@ class Run:
         run.inputs = inputs_fingerprint(cfg.data.manifest, cfg.model.model_dump())
         run.fingerprint = run_fingerprint(cfg.config_hash(), run.inputs)  # what each shard's commit records
         run.shared, run.status = None, "prepared"
+        run.columns = part_columns(cfg)  # fixed here, so every part of the run, a resumed one's too, has them
         run.lock = RunLock(run.run_dir, run.run_id)  # one driver per run directory, from here to close()
         try:
             run.earlier = check_resume(run.run_dir, cfg, run.inputs)  # an earlier driver's run.json, or None
@@ -162,6 +163,12 @@ class Run:
             self.shared.shutdown()
             self.shared = None
         self.lock.release(remove_if_unused=self.status == "prepared")
+
+
+def part_columns(cfg: RunConfig) -> PartColumns:
+    """The columns of a run's parts: its method's analysis columns, `probs` with outputs.save_probs.
+    Refuses (ValueError) a method whose `analysis_columns` name a column ttt/schema.py does not declare."""
+    return PartColumns(method_analysis_schema(cfg.ttt.method, cfg.model.kind), cfg.outputs.save_probs, cfg.ttt.method)
 
 
 def restarts(resumes: list[dict[str, Any]]) -> int:

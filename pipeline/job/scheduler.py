@@ -111,6 +111,7 @@ class Scheduler:
                 "batch_index": commit["batch_index"] if commit else 0,
                 "prev_domain": commit["prev_domain"] if commit else None,
                 "checkpoint_every": run.cfg.workers.checkpoint_every, "precision": run.cfg.workers.precision,
+                "save_probs": run.cfg.outputs.save_probs,
                 "prefetch_blocks": run.inputs_spec.prefetch_blocks, "final_state": Probes.active(run)}
         dataset = shard_dataset(run.inputs_spec, start + offset, end)
         state = load_state(run.run_dir, commit)
@@ -126,7 +127,8 @@ class Scheduler:
         if first is not None and (run.first_step_at is None or first < run.first_step_at):
             run.first_step_at, run.first_timeline = first, chunk.get("timeline")
         first_offset = (run.commits.get(shard) or {}).get("offset", 0)
-        run.commits[shard] = commit_chunk(run.run_dir, chunk, run.commits.get(shard), run.fingerprint)
+        run.commits[shard] = commit_chunk(run.run_dir, chunk, run.commits.get(shard), run.fingerprint,
+                                         run.columns)
         self.probes.after_commit(run, {**chunk, "first_offset": first_offset}, run.commits[shard])
         if run.cfg.ttt.log_out:
             append_log(run.run_dir / run.cfg.ttt.log_out, chunk["analysis"])  # relative to the run dir

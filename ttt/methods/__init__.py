@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 from ttt.config import TTTConfig
 from ttt.methods.adacontrast import AdaContrast
 from ttt.methods.base import GradientMethod, Method, MissingHookError, StepResult
@@ -27,6 +29,7 @@ from ttt.methods.source import Norm, Source
 from ttt.methods.t3a import T3A
 from ttt.methods.tent import Tent
 from ttt.methods.ttt_rotation import RotationTTT
+from ttt.schema import analysis_schema
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Source, Norm, Tent, MIM, CoTTA, NN,
                                                          EATA, SAR, RoTTA, LAME, DeYO, ROID,
@@ -51,8 +54,14 @@ def method_class(method: str, kind: str = "image_classifier") -> type[Method]:
         raise ValueError(f"ttt.method={method!r} is not implemented; known: {sorted(METHODS)}") from None
 
 
+def method_analysis_schema(method: str, kind: str = "image_classifier") -> pa.Schema:
+    """The columns of the analysis parts of a run of `method` on a model of `kind`: the common ones
+    and those the method's class declares (`analysis_columns`), typed by ttt/schema.py."""
+    return analysis_schema(method_class(method, kind).analysis_columns)
+
+
 def build_method(adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None) -> Method:
     return method_class(cfg.method, getattr(adapter, "kind", "image_classifier"))(adapter, cfg, services)
 
 
-__all__ = ["METHODS", "build_method", "method_class", "Method", "GradientMethod", "StepResult", "MissingHookError"]
+__all__ = ["METHODS", "build_method", "method_class", "method_analysis_schema", "Method", "GradientMethod", "StepResult", "MissingHookError"]

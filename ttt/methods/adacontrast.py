@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ttt.augment import random_hflip
-from ttt.methods.base import GradientMethod, StepResult, build_optimizer, seeded_generator
-from ttt.methods.parts import augmented_view, split_model
+from ttt.methods.base import GradientMethod, StepResult, seeded_generator
+from ttt.methods.parts import augmented_view, build_optimizer, split_model
 from ttt.methods.ttt_rotation import set_batch_norm_training
 from ttt.params import ema_update_, frozen_copy, restore
 
@@ -59,6 +59,7 @@ def knn_pseudo_labels(features: torch.Tensor, bank_features: torch.Tensor, bank_
 
 class AdaContrast(GradientMethod):
     name = "adacontrast"
+    analysis_columns = GradientMethod.analysis_columns + ("loss_contrastive", "n_refined", "teacher_agreement", "memory_size")
     required_hooks = ("embed", "classifier", "augment")
     default_predict_from = "after_update"
     constant_attrs = ("features", "head", "key_features", "key_head")

@@ -18,6 +18,7 @@ from torch import nn
 
 from ttt.config import TTTConfig
 from ttt.losses import class_distribution, diversity_loss
+from ttt.methods.parts import build_optimizer
 from ttt.params import StepCheckpoint, distance, grad_norm, param_names, restore, select_params, snapshot
 
 
@@ -50,6 +51,9 @@ class Method:
     required_hooks: ClassVar[tuple[str, ...]] = ()
     default_predict_from: ClassVar[str] = "same_forward"
     model_kinds: ClassVar[tuple[str, ...]] = ("image_classifier",)  # adapter kinds the method is defined for
+    # the analysis columns its records fill besides ttt/schema.py's COMMON_ANALYSIS_COLUMNS (what its
+    # runs' analysis parts hold; names from ANALYSIS_SCHEMA only)
+    analysis_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, adapter: Any, cfg: TTTConfig, services: dict[str, Any] | None = None):
         kind = getattr(adapter, "kind", "image_classifier")
@@ -130,15 +134,6 @@ class Method:
         return StepResult(logits, record)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig, nesterov: bool = False) -> torch.optim.Optimizer:
-    """Adam (beta1 = cfg.momentum) or SGD; `nesterov` (SGD with momentum only) for the methods whose
-    reference uses it (AdaContrast, MEMO: mariodoebler's OPTIM.NESTEROV)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=nesterov and cfg.momentum > 0)
-
-
 class GradientMethod(Method):
     """Runs `cfg.steps` guarded updates of `loss(inputs)` on the filtered parameters.
 
@@ -169,6 +164,8 @@ class GradientMethod(Method):
     parameters off the loss path (e.g. SmallCNN's decoder under Tent) get no gradient, so the
     optimiser never touches them and they are not counted. 0 when no step was kept.
     """
+
+    analysis_columns = ("losses", "loss_entropy", "loss_diversity", "diversity_weight", "grad_norm")
 
     def configure(self) -> None:
         super().configure()

@@ -32,6 +32,7 @@ from ttt.methods.roid import ROID
 
 class CMF(ROID):
     name = "cmf"
+    analysis_columns = ROID.analysis_columns + ("kalman_beta",)
 
     @property
     def loss_cfg(self):

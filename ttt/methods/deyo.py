@@ -40,6 +40,7 @@ def plpd(probs: torch.Tensor, probs_shuffled: torch.Tensor) -> torch.Tensor:
 
 class DeYO(GradientMethod):
     name = "deyo"
+    analysis_columns = GradientMethod.analysis_columns + ("n_reliable", "n_filtered_plpd", "n_loss_samples", "sample_weight_mean")
 
     def configure(self) -> None:
         super().configure()

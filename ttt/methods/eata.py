@@ -80,6 +80,7 @@ def fisher_information(model: torch.nn.Module, params: list[torch.nn.Parameter],
 
 class EATA(GradientMethod):
     name = "eata"
+    analysis_columns = GradientMethod.analysis_columns + ("n_reliable", "n_filtered_redundant", "n_loss_samples", "sample_weight_mean")
 
     def configure(self) -> None:
         super().configure()

@@ -61,6 +61,7 @@ def laplacian_optimization(unary: torch.Tensor, kernel: torch.Tensor, bound_lamb
 
 class LAME(Method):
     name = "lame"
+    analysis_columns = ("n_changed",)
     required_hooks = ("embed",)
 
     def step(self, inputs: torch.Tensor) -> StepResult:

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from ttt.losses import class_distribution
-from ttt.methods.base import GradientMethod, StepResult, build_optimizer, seeded_generator
+from ttt.methods.base import GradientMethod, StepResult, seeded_generator
 from ttt.methods.bn_alpha import AlphaBN, convert_to_alpha_bn
-from ttt.methods.parts import augmented_view
+from ttt.methods.parts import augmented_view, build_optimizer
 from ttt.params import UpdateFilterError, select_params
 
 
@@ -47,6 +47,8 @@ def marginal_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MEMO(GradientMethod):
     name = "memo"
+    # its own step record (one episode per sample): no diversity term
+    analysis_columns = ("losses", "loss_entropy", "diversity_weight", "grad_norm", "marginal_entropy", "n_loss_samples")
     required_hooks = ("augment",)
     default_predict_from = "after_update"
 

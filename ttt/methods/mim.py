@@ -23,6 +23,7 @@ from ttt.params import use_batch_norm_stats
 
 class MIM(GradientMethod):
     name = "mim"
+    analysis_columns = GradientMethod.analysis_columns + ("mask_ratio",)
     required_hooks = ("reconstruct",)
 
     def configure(self) -> None:

@@ -74,6 +74,8 @@ def cache_key(embeddings: np.ndarray) -> np.ndarray:
 
 class NN(GradientMethod):
     name = "nn"
+    analysis_columns = ("losses", "grad_norm", "query", "used_cache", "cache_query", "retrieved_indices",
+                        "retrieved_scores", "timing_embedding", "timing_cache_lookup", "timing_kb_retrieval")
     required_hooks = ("embed",)
     default_predict_from = "after_update"
     kb_payload: tuple[str, ...] = ("pixels", "label")  # what a KB row must carry to be fine-tuned on

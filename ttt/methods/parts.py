@@ -1,4 +1,4 @@
-"""Helpers that several methods share but the shared loop does not need: a method's augmented view
+"""Helpers that several methods share: the optimiser a config names, a method's augmented view
 of a batch (CoTTA, RoTTA, ROID, ...) and a model split into features and classifier (T3A,
 SHOT-IM, RMT, SANTA, AdaContrast).
 """
@@ -10,6 +10,16 @@ import torch
 from torch import nn
 
 from ttt.augment import random_hflip
+from ttt.config import TTTConfig
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TTTConfig, nesterov: bool = False) -> torch.optim.Optimizer:
+    """Adam (beta1 = cfg.momentum) or SGD; `nesterov` (SGD with momentum only) for the methods whose
+    reference uses it (AdaContrast, MEMO: mariodoebler's OPTIM.NESTEROV)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=nesterov and cfg.momentum > 0)
 
 
 def augmented_view(adapter: Any, inputs: torch.Tensor, generator: torch.Generator, flips: bool) -> torch.Tensor:

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt.methods.base import GradientMethod, build_optimizer, seeded_generator
-from ttt.methods.parts import augmented_view, split_model
+from ttt.methods.base import GradientMethod, seeded_generator
+from ttt.methods.parts import augmented_view, build_optimizer, split_model
 from ttt.methods.roid import symmetric_cross_entropy
 from ttt.params import ema_update_, frozen_copy, restore, snapshot, use_batch_norm_stats
 
@@ -102,6 +102,7 @@ class PrototypeContrast(GradientMethod):
     """Source samples and prototypes, the projector and the contrastive term (RMT, SANTA)."""
 
     required_hooks = ("embed", "classifier", "augment")
+    analysis_columns = GradientMethod.analysis_columns + ("loss_contrastive", "teacher_agreement")
     constant_attrs = ("source_x", "source_y", "prototypes", "features", "head", "_perm_cache", "_projector_source")
 
     @property
@@ -185,6 +186,7 @@ class PrototypeContrast(GradientMethod):
 
 class RMT(PrototypeContrast):
     name = "rmt"
+    analysis_columns = PrototypeContrast.analysis_columns + ("loss_source",)
     constant_attrs = PrototypeContrast.constant_attrs + ("_after_warmup",)
 
     def configure(self) -> None:

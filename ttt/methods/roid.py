@@ -71,6 +71,7 @@ def prior_correction(logits: torch.Tensor) -> torch.Tensor:
 
 class ROID(GradientMethod):
     name = "roid"
+    analysis_columns = GradientMethod.analysis_columns + ("n_loss_samples", "sample_weight_mean")
     required_hooks = ("augment",)
 
     def configure(self) -> None:

@@ -172,6 +172,9 @@ class CSTUMemory:
 
 class RoTTA(GradientMethod):
     name = "rotta"
+    # its own step record (the memory bank decides when to update): no loss_entropy
+    analysis_columns = ("losses", "loss_diversity", "diversity_weight", "grad_norm", "n_loss_samples",
+                        "sample_weight_mean", "memory_size")
     required_hooks = ("augment",)
 
     def configure(self) -> None:

@@ -29,6 +29,7 @@ def generalized_cross_entropy(logits: torch.Tensor, q: float, targets: torch.Ten
 
 class RPL(GradientMethod):
     name = "rpl"
+    analysis_columns = GradientMethod.analysis_columns + ("n_loss_samples",)
 
     def configure(self) -> None:
         super().configure()

@@ -36,6 +36,7 @@ from ttt.params import reference_norm_params, restore, select_params, use_batch_
 
 class SAR(GradientMethod):
     name = "sar"
+    analysis_columns = GradientMethod.analysis_columns + ("n_reliable", "n_loss_samples", "loss_ema", "recovered")
 
     def configure(self) -> None:
         super().configure()

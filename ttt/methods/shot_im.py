@@ -30,6 +30,7 @@ from ttt.params import UpdateFilterError, select_params, use_batch_norm_stats
 
 class SHOTIM(GradientMethod):
     name = "shot_im"
+    analysis_columns = GradientMethod.analysis_columns + ("marginal_entropy",)
     required_hooks = ("classifier",)
 
     def trainable_params(self) -> list[nn.Parameter]:

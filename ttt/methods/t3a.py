@@ -43,6 +43,7 @@ def select_supports(entropy: torch.Tensor, labels: torch.Tensor, n_classes: int,
 
 class T3A(Method):
     name = "t3a"
+    analysis_columns = ("support_size", "n_changed")
     required_hooks = ("embed", "classifier")
 
     def configure(self) -> None:

@@ -56,6 +56,7 @@ def rotation_loss(adapter, inputs: torch.Tensor, rotations: str,
 
 class RotationTTT(GradientMethod):
     name = "ttt"
+    analysis_columns = GradientMethod.analysis_columns + ("n_loss_samples", "rotation_accuracy")
     required_hooks = ("rotation_logits",)
     default_predict_from = "after_update"
 
