@@ -173,7 +173,7 @@ def test_every_method_runs_or_is_refused_in_one_line(family, ray_session, stream
         assert len(results) == n_rows and results["error"].isna().all(), (method, results["error"].dropna()[:2].tolist())
         assert results["prediction"].between(0, 9).all() and len(analysis) == n_rows // BATCH, method
         updated = analysis["updated_param_count"]
-        if method in expected:  # every batch changed exactly the reference's parameter set (or none)
+        if method in expected:  # every batch changed exactly the parameter set of the reference
             assert (updated == expected[method]).all(), (method, updated.tolist(), expected[method])
         else:
             assert updated.between(0, counts["all"]).all(), (method, updated.tolist())
