@@ -206,6 +206,16 @@ def preprocess_items(items: Sequence[Any], spec: ImageSpec) -> torch.Tensor:
     return normalise(torch.from_numpy(np.stack(arrays)), spec)
 
 
+
+def model_pixels(image: Any, spec: ImageSpec) -> np.ndarray:
+    """An image array (HW, HWC or CHW) as the flat uint8 `pixels` a KB or manifest row stores for
+    this model: a flat list carries no layout (`read_row` takes it as exactly the model's C x H x W),
+    so channels and size are converted here, by the rules a row with layout gets (color_mode,
+    resize, centre crop). Exact for 8-bit images (replicated channels, Pillow resizes); an RGB image
+    converted to grey, or a float one, is rounded to the nearest 8-bit value."""
+    x = to_model_image(_as_numeric(image, "image"), spec)
+    return np.rint(x * 255.0).astype(np.uint8).reshape(-1)
+
 # -- helpers -------------------------------------------------------------------------------
 def _floats(value: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))

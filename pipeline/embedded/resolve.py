@@ -23,7 +23,7 @@ from pipeline.embedded.kb import usable_cpus
 from pipeline.embedded.mnistc import ensure_mnistc, load_train_split
 from pipeline.embedded.model import ensure_default_checkpoint
 from pipeline.embedded.tiny_lm import train_tiny_lm
-from ttt.images import ImageSpec
+from ttt.images import ImageSpec, RowError, model_pixels
 from workers.models import NO_CHECKPOINT
 from workers.ttt_worker import build_adapter, embedder_name
 
@@ -96,11 +96,14 @@ def ensure_kb(cfg: RunConfig, log: Callable[[str], None]) -> str:
     if not train.is_file():
         raise ConfigError(f"ttt.method=nn needs kb.dir: no training split to build a default KB from ({train})")
     x, y = load_train_split(cfg.data.manifest)
-    corpus = {"id": list(range(len(y))), "label": [int(v) for v in y],
-              "pixels": [img.reshape(-1).tolist() for img in x]}
+    spec = ImageSpec.from_model_config(cfg.model.model_dump())
+    try:  # the KB's flat pixels in the model's channels and size (grey digits for an RGB model)
+        pixels = [model_pixels(img, spec).tolist() for img in x]
+    except RowError as exc:
+        raise ConfigError(f"ttt.method=nn: the default KB's training split {train}: {exc}") from None
+    corpus = {"id": list(range(len(y))), "label": [int(v) for v in y], "pixels": pixels}
     model = build_adapter(cfg.model.model_dump(), "cpu").get_model()
-    embedder = TorchFeatureEmbedder(model, embedder_name(cfg.model.model_dump()),
-                                    ImagePreprocess(spec=ImageSpec.from_model_config(cfg.model.model_dump())))
+    embedder = TorchFeatureEmbedder(model, embedder_name(cfg.model.model_dump()), ImagePreprocess(spec=spec))
     log(f"building the default KB ({len(y)} training digits, {cfg.kb.index}) in {out}")
     build_kb(pa.table(corpus), out, embedder, IndexSpec(type=cfg.kb.index), progress=log)
     return str(out)

@@ -96,7 +96,8 @@ class EATA(GradientMethod):
     def _clean_batches(self) -> list[torch.Tensor]:
         c = self.cfg.eata
         images = load_clean_images(c.fisher_data, c.fisher_samples, self.cfg.seed)
-        records: list[dict[str, Any]] = [{"sample_id": str(i), "pixels": img.reshape(-1)} for i, img in enumerate(images)]
+        # each image keeps its layout (HW / CHW): a grey source converts to an RGB model's channels
+        records: list[dict[str, Any]] = [{"sample_id": str(i), "pixels": img} for i, img in enumerate(images)]
         batches = []
         for batch in self.adapter.build_loader(records, batch_size=self.cfg.batch_size):
             if batch.errors:

@@ -140,7 +140,8 @@ class PrototypeContrast(GradientMethod):
     def _load_source(self) -> None:
         field = f"ttt.{self.name}.source_data"
         images, labels = load_labelled_images(self.block.source_data, self.block.source_samples, self.cfg.seed, field)
-        records = [{"sample_id": str(i), "pixels": img.reshape(-1)} for i, img in enumerate(images)]
+        # each image keeps its layout (HW / CHW): a grey source converts to an RGB model's channels
+        records = [{"sample_id": str(i), "pixels": img} for i, img in enumerate(images)]
         batches = []
         for batch in self.adapter.build_loader(records, batch_size=max(self.cfg.batch_size, 256)):
             if batch.errors:
