@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.embedded.text import DONE, TextBuildError, pydoc_documents
-from pipeline.embedded.tiny_lm import train_tiny_lm
+from pipeline.embedded.tiny_lm import BENCH_SETTINGS, model_dir, train_tiny_lm
 from ttt import lens, lm
 from workers.lm_adapter import CausalLMAdapter
 
@@ -224,16 +224,27 @@ def test_a_time_capped_training_caches_nothing(tmp_path):
     with pytest.raises(TextBuildError, match="max_seconds"):
         train_tiny_lm(tmp_path, steps=50, vocab_size=300, n_layer=1, n_embd=16, n_head=2, context=32, batch_size=2,
                       max_seconds=0.0, threads=1)
-    assert not (tmp_path / "tiny_gpt2" / DONE).exists()
+    assert not list(tmp_path.glob(f"tiny_gpt2*/{DONE}"))
 
 
 def test_a_cached_model_stopped_early_is_refused(tmp_path):
     """A model cached by the old time cap (fewer steps than asked) is not silently reused."""
-    out = tmp_path / "tiny_gpt2"
+    settings = {"seed": 0, **BENCH_SETTINGS}
+    out = model_dir(tmp_path, settings)
     out.mkdir()
-    settings = {"seed": 0, "vocab_size": 4096, "n_layer": 4, "n_embd": 192, "n_head": 4, "context": 256,
-                "batch_size": 8, "steps": 600, "lr": 2e-3}
     (out / "train.json").write_text(json.dumps({**settings, "steps_done": 26, "stop_reason": "time"}))
     (out / DONE).write_text("ok\n")
     with pytest.raises(TextBuildError, match="26 of 600"):
-        train_tiny_lm(tmp_path)
+        train_tiny_lm(tmp_path, **BENCH_SETTINGS)
+
+
+def test_the_build_says_where_it_stands_and_each_setting_gets_its_own_folder(tmp_path, capsys):
+    small = {"steps": 6, "vocab_size": 300, "n_layer": 1, "n_embd": 16, "n_head": 2, "context": 32, "batch_size": 2}
+    out = train_tiny_lm(tmp_path, **small, threads=1, progress_s=0.0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train-lm]")]
+    assert lines[0].startswith(f"[train-lm] building the tiny LM once into {out}")
+    assert [ln.split()[2] for ln in lines if " to go)" in ln] == [f"{k}/6" for k in range(1, 6)]
+    info = json.loads((out / "train.json").read_text())
+    assert info["steps_done"] == 6 and info["n_layer"] == 1 and (out / DONE).exists()
+    assert train_tiny_lm(tmp_path, **small, threads=1) == out and "[train-lm]" not in capsys.readouterr().out
+    assert model_dir(tmp_path, {**info, "steps": 7}) != out  # other settings: another folder, never a mix-up

@@ -9,7 +9,7 @@ Layout under `cache_dir` (default `.cache/text`):
   corpus/  train.parquet (text, source: the LM's training text), kb.parquet (id, text,
            source, in_lm_train: the KB corpus), queries.parquet (sample_id, text, source,
            domain, position: held-out evaluation chunks), build.json
-  tiny_gpt2/  save_pretrained model + tokenizer, train.json (settings, timings, losses)
+  tiny_gpt2-<key>/  save_pretrained model + tokenizer, train.json (settings, timings, losses)
 
 Split: documents are cut into chunks of ~512-1500 bytes at paragraph (blank line)
 boundaries, exact duplicates dropped, then a seeded permutation takes `n_queries` chunks as

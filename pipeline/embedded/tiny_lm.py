@@ -1,10 +1,18 @@
-"""The embedded tiny LM: a byte-level BPE and a 4-layer GPT-2 trained once on the text corpus's
+"""The embedded tiny LM: a byte-level BPE and a small GPT-2 trained once on the text corpus's
 train split (pipeline/embedded/text.py), saved with `save_pretrained` under
-`cache_dir/tiny_gpt2` with a `DONE` marker written last. torch and transformers are imported
-inside the functions: building the corpus or reading a manifest needs neither.
+`cache_dir/tiny_gpt2-<settings key>` (one folder per set of training settings, so changing them never
+meets a model trained with others) with a `DONE` marker written last. torch and transformers are
+imported inside the functions: building the corpus or reading a manifest needs neither.
+
+Why these defaults (DEMO): the first `make demo-lm` builds this model before anything else, so it
+must take well under a minute on 2 cores; BENCHMARKS.md ("The LM demo in minutes") measures it
+against the 4-layer model the earlier LM benchmarks used (BENCH_SETTINGS, ~7 CPU-minutes), which
+`train_tiny_lm(cache_dir, **BENCH_SETTINGS)` still builds. Training prints a line every few seconds;
+it is short enough to restart rather than resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -74,14 +82,16 @@ def _check_cached(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.ndarray, *, seed: int, steps: int,
-           context: int, batch_size: int, max_seconds: float | None, log_every: int) -> tuple[list[dict[str, Any]], int, float]:
-    """The training loop: random context-long windows of the train stream; (log, steps done, seconds)."""
+           context: int, batch_size: int, max_seconds: float | None, log_every: int,
+           progress_s: float = 5.0) -> tuple[list[dict[str, Any]], int, float]:
+    """The training loop: random context-long windows of the train stream; (log, steps done, seconds).
+    A progress line every `progress_s` seconds; a look at part of the validation set every `log_every` steps."""
     import torch
 
     rng = np.random.default_rng(seed)
     model.train()
     log: list[dict[str, Any]] = []
-    t_train = time.perf_counter()
+    t_train = last_line = time.perf_counter()
     for step in range(1, steps + 1):
         starts = rng.integers(0, len(train_stream) - context, size=batch_size)
         x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
@@ -92,6 +102,10 @@ def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.
         optimizer.step()
         schedule.step()
         elapsed = time.perf_counter() - t_train
+        if time.perf_counter() - last_line >= progress_s and step < steps:
+            last_line = time.perf_counter()
+            print(f"[train-lm] step {step}/{steps} loss {loss.item():.3f} ({elapsed:.0f}s, "
+                  f"~{elapsed / step * (steps - step):.0f}s to go)", flush=True)
         if step % log_every == 0 and step < steps:
             # a quick look on part of the validation set; the full one is measured at the end
             val = _eval_loss(model, val_stream, context, max_windows=32)
@@ -105,10 +119,26 @@ def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.
     return log, step, t_train
 
 
-def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab_size: int = 4096,
-                  n_layer: int = 4, n_embd: int = 192, n_head: int = 4, context: int = 256,
-                  batch_size: int = 8, steps: int = 600, lr: float = 2e-3, warmup: int = 50,
-                  max_seconds: float | None = None, threads: int = 2, log_every: int = 100) -> Path:
+# the first demo's model (the defaults of train_tiny_lm) and the 4-layer one of the issue-5/14 benchmarks
+DEMO_SETTINGS: dict[str, Any] = {"vocab_size": 2048, "n_layer": 2, "n_embd": 128, "n_head": 4, "context": 128,
+                                 "batch_size": 16, "steps": 300, "lr": 3e-3, "warmup": 30}
+BENCH_SETTINGS: dict[str, Any] = {"vocab_size": 4096, "n_layer": 4, "n_embd": 192, "n_head": 4, "context": 256,
+                                  "batch_size": 8, "steps": 600, "lr": 2e-3, "warmup": 50}
+
+
+def model_dir(cache_dir: str | Path, settings: dict[str, Any]) -> Path:
+    """`<cache_dir>/tiny_gpt2-<key>`: the key is a hash of the training settings (train.json lists them)."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"tiny_gpt2-{key}"
+
+
+def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0,
+                  vocab_size: int = DEMO_SETTINGS["vocab_size"], n_layer: int = DEMO_SETTINGS["n_layer"],
+                  n_embd: int = DEMO_SETTINGS["n_embd"], n_head: int = DEMO_SETTINGS["n_head"],
+                  context: int = DEMO_SETTINGS["context"], batch_size: int = DEMO_SETTINGS["batch_size"],
+                  steps: int = DEMO_SETTINGS["steps"], lr: float = DEMO_SETTINGS["lr"],
+                  warmup: int = DEMO_SETTINGS["warmup"], max_seconds: float | None = None, threads: int = 2,
+                  log_every: int = 100, progress_s: float = 5.0) -> Path:
     """Train the tokenizer and a tiny GPT-2 on the corpus's train split; return the model directory.
 
     Fixed `steps` keep the run deterministic on a given machine: the seed fixes the model. An
@@ -119,13 +149,15 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(cache_dir) / "tiny_gpt2"
     settings = {"seed": seed, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
-                "context": context, "batch_size": batch_size, "steps": steps, "lr": lr}
+                "context": context, "batch_size": batch_size, "steps": steps, "lr": lr, "warmup": warmup}
+    out = model_dir(cache_dir, settings)
     if (out / DONE).exists():
         _check_cached(out, settings)
         return out
     paths = build_text_corpus(cache_dir, seed=seed)
+    print(f"[train-lm] building the tiny LM once into {out}: a {vocab_size}-token byte-level BPE, then a "
+          f"{n_layer}-layer, {n_embd}-wide GPT-2 trained {steps} steps", flush=True)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -151,7 +183,8 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0, vocab
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     log, step, t_train = _train(model, optimizer, schedule, train_stream, val_stream, seed=seed, steps=steps,
-                                context=context, batch_size=batch_size, max_seconds=max_seconds, log_every=log_every)
+                                context=context, batch_size=batch_size, max_seconds=max_seconds, log_every=log_every,
+                                progress_s=progress_s)
     stop_reason = "steps"
     val_loss = _eval_loss(model, val_stream, context)
     print(f"[train-lm] {step} steps in {t_train:.0f}s ({stop_reason}); val loss {val_loss:.3f}", flush=True)
