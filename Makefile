@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 demo: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/mnistc_tent.yaml
 
-# retrieval TTT on the embedded tiny LM; the first run trains it (~3-5 min) and embeds its KB (~2 min).
-# Not SmolLM2-135M (configs/lm_nn_smollm2.yaml): at ~1-3 s per neighbour step on 2 cores, k=20 costs
-# ~1 min per query there against ~1 s here (BENCHMARKS.md), so 200 queries would take hours.
+# retrieval TTT on the embedded tiny LM: the first run trains it (~30 s, progress every 5 s), embeds its
+# KB (~1.5 min) and scores 200 queries at k=20 (~2 min): ~4 min on a quiet 2-core box (BENCHMARKS.md).
+# Not SmolLM2-135M (configs/lm_nn_smollm2.yaml): its first run builds another KB (~2.5 min) and costs
+# ~8 s per query per worker even at k=5 (~1 min per query at k=20), so 200 queries would take hours.
 demo-lm: venv
 	RAY_AUTH_MODE=disabled $(PY) -m pipeline run configs/lm_nn.yaml
 

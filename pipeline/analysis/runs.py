@@ -237,7 +237,10 @@ class RunSet:
         fill = [c for c in DOMAIN_COLUMNS if c in wanted] if "domain" in schema.names else []
         add = [c for c in wanted if c not in schema.names] + [c for c in fill if c in schema.names]
         read = [c for c in wanted if c in schema.names]
-        read += ["run_id"] * bool(set(add) - set(DOMAIN_COLUMNS)) + ["domain"] * bool(fill)
+        if set(add) - set(DOMAIN_COLUMNS):  # run-level columns: each row finds its run by its run_id
+            read.append("run_id")
+        if fill:
+            read.append("domain")
         read = list(dict.fromkeys(read))
         if files:
             table = ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table(columns=read)

@@ -120,8 +120,8 @@ def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.
 
 
 # the first demo's model (the defaults of train_tiny_lm) and the 4-layer one of the issue-5/14 benchmarks
-DEMO_SETTINGS: dict[str, Any] = {"vocab_size": 2048, "n_layer": 2, "n_embd": 128, "n_head": 4, "context": 128,
-                                 "batch_size": 16, "steps": 300, "lr": 3e-3, "warmup": 30}
+DEMO_SETTINGS: dict[str, Any] = {"vocab_size": 2048, "n_layer": 2, "n_embd": 160, "n_head": 4, "context": 128,
+                                 "batch_size": 16, "steps": 300, "lr": 4e-3, "warmup": 30}
 BENCH_SETTINGS: dict[str, Any] = {"vocab_size": 4096, "n_layer": 4, "n_embd": 192, "n_head": 4, "context": 256,
                                   "batch_size": 8, "steps": 600, "lr": 2e-3, "warmup": 50}
 

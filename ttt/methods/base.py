@@ -152,7 +152,8 @@ class GradientMethod(Method):
       `cumulative_update_cap` (distance from the source parameters, i.e. since the last reset).
     A method whose filters drop every sample of a batch takes no step (`all_filtered`).
     Method-specific analysis fields (what a filter dropped, SAR's recoveries, ...) go into
-    `self.batch_stats`, cleared at each `step` and merged into its record.
+    `self.batch_stats`, cleared at each `step` and merged into its record; the class names them in
+    `analysis_columns` (a run's analysis parts hold only those and the common ones).
     Earlier accepted steps of the batch are kept. The adaptive diversity regulariser
     w * (1 - normalised class entropy) is added to every loss, w = min(cap, base + gain *
     max(0, target - class entropy)), so it pulls harder the less diverse the batch is.
