@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.embedded.text import build_text_corpus
-from pipeline.embedded.tiny_lm import BENCH_SETTINGS, DEMO_SETTINGS, _token_stream, train_tokenizer
+from pipeline.embedded.tiny_lm import BENCH_SETTINGS, DEMO_SETTINGS, _token_stream, train_step, train_tokenizer
 
 
 def timed_steps(model, optimizer, stream: np.ndarray, settings: dict, steps: int, rng) -> tuple[float, float]:
@@ -30,13 +30,7 @@ def timed_steps(model, optimizer, stream: np.ndarray, settings: dict, steps: int
     context, batch = settings["context"], settings["batch_size"]
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        starts = rng.integers(0, len(stream) - context, size=batch)
-        x = torch.from_numpy(np.stack([stream[s:s + context] for s in starts]))
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        train_step(model, optimizer, stream, context, batch, rng)
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 

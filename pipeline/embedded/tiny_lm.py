@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.embedded.text import DONE, TextBuildError, build_text_corpus
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerFast
 
 
@@ -81,25 +82,33 @@ def _check_cached(out: Path, settings: dict[str, Any]) -> None:
                              f"({info.get('stop_reason')}): delete it to retrain")
 
 
+def train_step(model: Any, optimizer: torch.optim.Optimizer, stream: np.ndarray, context: int, batch_size: int,
+               rng: np.random.Generator) -> torch.Tensor:
+    """One step of the build: `batch_size` random windows of `context` tokens, next-token loss,
+    gradients clipped to norm 1; returns the loss (bench/tiny_lm_build.py times this very step)."""
+    import torch
+
+    starts = rng.integers(0, len(stream) - context, size=batch_size)
+    x = torch.from_numpy(np.stack([stream[s:s + context] for s in starts]))
+    loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 def _train(model, optimizer, schedule, train_stream: np.ndarray, val_stream: np.ndarray, *, seed: int, steps: int,
            context: int, batch_size: int, max_seconds: float | None, log_every: int,
            progress_s: float = 5.0) -> tuple[list[dict[str, Any]], int, float]:
     """The training loop: random context-long windows of the train stream; (log, steps done, seconds).
     A progress line every `progress_s` seconds; a look at part of the validation set every `log_every` steps."""
-    import torch
-
     rng = np.random.default_rng(seed)
     model.train()
     log: list[dict[str, Any]] = []
     t_train = last_line = time.perf_counter()
     for step in range(1, steps + 1):
-        starts = rng.integers(0, len(train_stream) - context, size=batch_size)
-        x = torch.from_numpy(np.stack([train_stream[s:s + context] for s in starts]))
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, train_stream, context, batch_size, rng)
         schedule.step()
         elapsed = time.perf_counter() - t_train
         if time.perf_counter() - last_line >= progress_s and step < steps:
