@@ -189,7 +189,7 @@ def _run_batch(adapter: Any, method: Any, chunk: list[dict[str, Any]], positions
         _protocol_after(method, adapt, passes)
         if step is not None:
             preds = _with_protocol_fields(preds, step.logits, batch.records, adapt,
-                                          class_scores=getattr(adapter, "kind", None) != "causal_lm",
+                                          class_scores=method.class_scores,
                                           save_probs=save_probs)
             source = step.record.pop("adapter_source", "none")
             for row in step.record.pop("logit_lens", None) or []:
