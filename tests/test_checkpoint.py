@@ -21,6 +21,7 @@ from pipeline.job.runner import run_job
 from ttt import TTTConfig, build_method
 from ttt.checkpoint import capture, restore
 from ttt.methods import METHODS
+from ttt.schema import measured
 from workers.adapters import ImageClassifierAdapter
 from workers.models import load_model
 from workers.stream import stream_chunks
@@ -49,7 +50,7 @@ def _stream(small_default, method_name, rows, *, start=None, every=1):
 
 def _comparable(chunks):
     results = [r for c in chunks for r in c["results"]]
-    analysis = [{k: v for k, v in a.items() if not k.startswith(("timing_", "peak_"))} for c in chunks for a in c["analysis"]]
+    analysis = [{k: v for k, v in a.items() if not measured(k)} for c in chunks for a in c["analysis"]]
     return results, analysis
 
 

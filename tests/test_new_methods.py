@@ -27,6 +27,7 @@ from ttt.methods.rmt import supcon_loss
 from ttt.methods.rpl import generalized_cross_entropy
 from ttt.methods.t3a import select_supports
 from ttt.params import snapshot
+from ttt.schema import measured
 from workers.adapters import ImageClassifierAdapter
 from workers.stream import run_stream, stream_chunks
 
@@ -457,7 +458,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_stream(name, rows, so
 
     def comparable(chunks):
         return ([r for c in chunks for r in c["results"]],
-                [{k: v for k, v in a.items() if not k.startswith("timing_")} for c in chunks for a in c["analysis"]])
+                [{k: v for k, v in a.items() if not measured(k)} for c in chunks for a in c["analysis"]])
 
     whole = stream()
     assert len(whole) == 4

@@ -103,6 +103,12 @@ COMMON_ANALYSIS_COLUMNS: tuple[str, ...] = (
 )
 
 
+def measured(column: str) -> bool:
+    """Whether an analysis column is measured (wall-clock seconds, peak memory) rather than computed:
+    two runs with the same seed and shards agree on every other column, never on these."""
+    return column.startswith(("timing_", "peak_"))
+
+
 class UnknownColumnError(KeyError):
     """A row carries a field no output schema declares."""
 
