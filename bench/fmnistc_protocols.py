@@ -64,12 +64,14 @@ def main() -> None:
     p.add_argument("--probe-method", default="tent", help="continual offline of this method runs with probes too")
     p.add_argument("--out", default="runs/bench-fmnistc")
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--num-workers", type=int, default=1, help="the pool's workers: cells run side by side")
     args = p.parse_args()
     build, out = Path(args.build), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = manifests(build, args.per_domain, args.orders, out / "manifests")
     cells = []  # (label dict, config)
     base = [f"model.checkpoint={args.checkpoint}", f"output_root={out}", "workers.num_shards=1", "workers.num_cpus=1",
+            f"workers.num_workers={args.num_workers}",
             "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",
             "probes.clean_n=1000", "probes.per_domain=100", f"ttt.eata.fisher_data={build / 'train.npz'}"]
     stamp = time.strftime("%H%M%S")

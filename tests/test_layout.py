@@ -1,6 +1,6 @@
-"""The house rules, read from the source: which room may import which, no import cycle, and a
-line budget per module. Pure `ast`: nothing is imported, so this runs in a second and fails
-with the offending import or file named.
+"""The house rules, read from the source: which room may import which, no import cycle, and line
+budgets (400 per module, 60 per function). Pure `ast`: nothing is imported, so this runs in a
+second and fails with the offending import, file or function named.
 
 Rooms of `pipeline/` by rank: a module may import its own room and rooms of lower rank only.
 The packages below `pipeline` keep their layering too: `ttt` imports none of the others,
@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "workers", "ttt", "kb_index")
 LINE_BUDGET = 400
+FUNCTION_BUDGET = 60  # lines of one function or method, its docstring included
 # pipeline's rooms, lowest first; `foundation` is pipeline/config.py and pipeline/manifest.py
 ROOM_RANK = {"foundation": 0, "embedded": 1, "job": 2, "benchmarks": 3, "analysis": 4, "campaigns": 5, "top": 6}
 FOUNDATION = {"pipeline.config", "pipeline.manifest"}
@@ -156,6 +157,19 @@ def test_modules_fit_the_line_budget():
     assert not long, f"modules over {LINE_BUDGET} lines (split them along their concepts): {long}"
 
 
+def long_functions(path: Path, budget: int = FUNCTION_BUDGET) -> dict[str, int]:
+    """`name: lines` of every function or method in `path` longer than `budget`."""
+    return {f"{path.name}:{node.name}": node.end_lineno - node.lineno + 1
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > budget}
+
+
+def test_functions_fit_the_line_budget():
+    files, _, _ = graph()
+    long = {k: n for p in files.values() for k, n in long_functions(p).items()}
+    assert not long, f"functions over {FUNCTION_BUDGET} lines (split where a name would explain a part): {long}"
+
+
 def test_the_rules_catch_what_they_should(tmp_path):
     """The checks are not vacuous: on made-up imports, each rule finds its breach."""
     modules = {"pipeline.job.a", "pipeline.analysis.b", "pipeline.campaigns.c", "ttt.x", "workers.y"}
@@ -168,3 +182,5 @@ def test_the_rules_catch_what_they_should(tmp_path):
     assert upward_violations(edges, raw) == ["ttt.x imports ray", "ttt.x imports workers.y"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    source.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n    return 1\n")
+    assert long_functions(source) == {"a.py:f": 61}

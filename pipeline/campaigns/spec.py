@@ -196,39 +196,12 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
         raise SweepError(f"sweep: name must be a plain name (letters, digits, _ . = + -), got {name!r}")
     if "base" in raw and "config" in raw:
         raise SweepError("sweep: give base (a file) or config (inline), not both")
-    tree: dict[str, Any] = {}
-    if "base" in raw:
-        base = Path(base_dir) / str(raw["base"])
-        if not base.is_file():
-            raise SweepError(f"sweep: base config not found: {base}")
-        tree = read_yaml_mapping(base, "sweep: base config", SweepError)
-    elif "config" in raw:
-        tree = copy.deepcopy(_fields("config", raw["config"]))
-    sets = dict(_fields("set", raw.get("set") or {}))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SweepError(f"--set expects key=value, got {item!r}")
-        sets[key.strip()] = load_yaml(value, f"--set {key.strip()}", SweepError) if value.strip() else None
-    for key, value in sets.items():
-        _set_dotted(tree, key, value)
+    tree = _base_tree(raw, base_dir, overrides)
     axes_raw = raw.get("axes") or {}
     if not isinstance(axes_raw, dict):
         raise SweepError("sweep: axes must be a mapping of axis name -> values")
     axes = [_parse_axis(str(k), v) for k, v in axes_raw.items()]
-    cells = raw.get("cells")
-    if cells is not None:
-        if not isinstance(cells, list) or not cells:
-            raise SweepError("sweep: cells must be a non-empty list of {axis: label} mappings")
-        by_name = {a.name: a for a in axes}
-        for i, cell in enumerate(cells):
-            if not isinstance(cell, dict) or set(cell) != set(by_name):
-                raise SweepError(f"sweep: cells[{i}] must give a label for every axis {sorted(by_name)}")
-            for axis, label in cell.items():
-                if _label(label) not in by_name[axis].labels:
-                    raise SweepError(f"sweep: cells[{i}]: {axis} has no label {label!r}; "
-                                     f"labels: {list(by_name[axis].labels)}")
-        cells = [{k: _label(v) for k, v in c.items()} for c in cells]
+    cells = _parse_cells(raw.get("cells"), axes)
     select = {}
     for method, grid in (raw.get("select") or {}).items():
         grid = _fields(f"select.{method}", grid)
@@ -257,6 +230,45 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
     return SweepSpec(name=name, base=tree, axes=axes, cells=cells, select=select, select_over=list(over),
                      validation=validation, streams=streams, source=source)
 
+
+
+def _base_tree(raw: dict[str, Any], base_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """The config every cell starts from: `base` (a file) or `config` (inline), then the sweep's
+    `set:` and the command line's `--set` on top, in that order."""
+    tree: dict[str, Any] = {}
+    if "base" in raw:
+        base = Path(base_dir) / str(raw["base"])
+        if not base.is_file():
+            raise SweepError(f"sweep: base config not found: {base}")
+        tree = read_yaml_mapping(base, "sweep: base config", SweepError)
+    elif "config" in raw:
+        tree = copy.deepcopy(_fields("config", raw["config"]))
+    sets = dict(_fields("set", raw.get("set") or {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SweepError(f"--set expects key=value, got {item!r}")
+        sets[key.strip()] = load_yaml(value, f"--set {key.strip()}", SweepError) if value.strip() else None
+    for key, value in sets.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _parse_cells(cells: Any, axes: list[Axis]) -> list[dict[str, str]] | None:
+    """An explicit cell list (instead of the full grid): each cell labels every axis with a known label."""
+    if cells is None:
+        return None
+    if not isinstance(cells, list) or not cells:
+        raise SweepError("sweep: cells must be a non-empty list of {axis: label} mappings")
+    by_name = {a.name: a for a in axes}
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, dict) or set(cell) != set(by_name):
+            raise SweepError(f"sweep: cells[{i}] must give a label for every axis {sorted(by_name)}")
+        for axis, label in cell.items():
+            if _label(label) not in by_name[axis].labels:
+                raise SweepError(f"sweep: cells[{i}]: {axis} has no label {label!r}; "
+                                 f"labels: {list(by_name[axis].labels)}")
+    return [{k: _label(v) for k, v in c.items()} for c in cells]
 
 # ------------------------------------------------------------------------------- expansion
 

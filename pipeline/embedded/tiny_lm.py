@@ -156,7 +156,6 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0,
     Skipped when already built.
     """
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     settings = {"seed": seed, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
                 "context": context, "batch_size": batch_size, "steps": steps, "lr": lr, "warmup": warmup}
@@ -177,40 +176,58 @@ def train_tiny_lm(cache_dir: str | Path = ".cache/text", *, seed: int = 0,
     t_tok = time.perf_counter() - t0
     train_stream = _token_stream(tokenizer, train_texts)
     val_stream = _token_stream(tokenizer, val_texts)
-    bos = tokenizer.bos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
-                        # no dropout: a few minutes of training underfits, and TTT then runs the
-                        # same in train and eval mode
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    model = _gpt2(tokenizer, context=context, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train-lm] tokenizer {len(tokenizer)} tokens in {t_tok:.1f}s; train {len(train_stream)} tokens "
           f"({sum(len(t.encode()) for t in train_texts) / len(train_stream):.2f} bytes/token), "
           f"val {len(val_stream)}; model {n_params / 1e6:.2f}M params", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    schedule = _warmup_cosine(optimizer, warmup, steps)
     log, step, t_train = _train(model, optimizer, schedule, train_stream, val_stream, seed=seed, steps=steps,
                                 context=context, batch_size=batch_size, max_seconds=max_seconds, log_every=log_every,
                                 progress_s=progress_s)
     stop_reason = "steps"
     val_loss = _eval_loss(model, val_stream, context)
     print(f"[train-lm] {step} steps in {t_train:.0f}s ({stop_reason}); val loss {val_loss:.3f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "train.json").write_text(json.dumps({
+    _save(out, model, tokenizer, {
         **settings, "params": n_params, "steps_done": step, "stop_reason": stop_reason,
         "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
         "val_loss": round(val_loss, 4), "tokenizer_s": round(t_tok, 1),
         "train_s": round(t_train, 1), "threads": threads,
         "torch": torch.__version__, "log": log,
-    }, indent=2))
+    })
+    return out
+
+
+def _gpt2(tokenizer, *, context: int, n_embd: int, n_layer: int, n_head: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                        # no dropout: a few minutes of training underfits, and TTT then runs the
+                        # same in train and eval mode
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def _warmup_cosine(optimizer, warmup: int, steps: int):
+    """Linear warm-up, then cosine from 1.0 down to 0.1 of the peak lr at `steps`."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+
+
+def _save(out: Path, model, tokenizer, record: dict) -> None:
+    """Model, tokenizer and train.json, then the DONE marker last: a build cut short is rebuilt."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train.json").write_text(json.dumps(record, indent=2))
     (out / DONE).write_text("ok\n")
     print(f"[train-lm] saved to {out}", flush=True)
-    return out
 
 
 def ensure_text_default(cache_dir: str | Path = ".cache/text", seed: int = 0) -> dict[str, Path]:

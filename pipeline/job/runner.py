@@ -39,6 +39,23 @@ def run_job(cfg: RunConfig) -> Path:
     return run_jobs([cfg])[0]
 
 
+def _start(runs: list[Run], started_at: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Ray up, the GPU check, every run directory opened (run.json written, committed shards found); returns the
+    cluster's resources and the start-up timeline the summaries report."""
+    prepared_at = time.time()
+    resources = init_ray()
+    signals.reinstall()  # ray.init sets a SIGTERM handler of its own
+    ray_ready_at = time.time()
+    for run in runs:
+        check_gpus(run.cfg, resources)
+    for run in runs:
+        with signals.critical():
+            run.open(resources)
+    quiet_ray_data()
+    return resources, {"started_at": started_at, "prepare_s": prepared_at - started_at,
+                       "ray_ready_s": ray_ready_at - started_at}
+
+
 def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None = None) -> list[Path]:
     """Several runs (a campaign's cells) over ONE worker pool: every (run, shard) is a work item
     the scheduler hands to the next free worker, which keeps its loaded model when the next item's
@@ -50,18 +67,7 @@ def run_jobs(cfgs: list[RunConfig], on_done: Callable[[int, Path], None] | None 
     try:
         for cfg in cfgs:
             runs.append(Run.prepare(cfg))  # every refusal happens here, before Ray starts
-        prepared_at = time.time()
-        resources = init_ray()
-        signals.reinstall()  # ray.init sets a SIGTERM handler of its own
-        ray_ready_at = time.time()
-        for run in runs:
-            check_gpus(run.cfg, resources)
-        for run in runs:
-            with signals.critical():
-                run.open(resources)
-        quiet_ray_data()
-        timing = {"started_at": started_at, "prepare_s": prepared_at - started_at,
-                  "ray_ready_s": ray_ready_at - started_at}
+        resources, timing = _start(runs, started_at)
         pending = [(run, shard) for run in runs for shard in run.todo]
         index = {id(run): i for i, run in enumerate(runs)}
 
