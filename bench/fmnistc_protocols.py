@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--settings", default="continual,online,mixed,correlated")
     p.add_argument("--orders", type=int, default=1, help="continual: this many domain orders (the first = listed)")
     p.add_argument("--order-methods", default="norm,tent", help="methods run on every order")
+    p.add_argument("--online-methods", default="", help="methods of the online setting (default: all)")
     p.add_argument("--probe-method", default="tent", help="continual offline of this method runs with probes too")
     p.add_argument("--out", default="runs/bench-fmnistc")
     p.add_argument("--eta", type=float, default=1.0)
@@ -75,47 +76,59 @@ def main() -> None:
             "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",
             "probes.clean_n=1000", "probes.per_domain=100", f"ttt.eata.fisher_data={build / 'train.npz'}"]
     stamp = time.strftime("%H%M%S")
-    for method in args.methods.split(","):
-        for setting in args.settings.split(","):
-            paths = files[setting] + (files.get("continual_orders", []) if setting == "continual"
-                                      and method in args.order_methods.split(",") else [])
-            for k, path in enumerate(paths):
-                extra = ["ttt.protocol=online", f"ttt.online.eta={args.eta}"] if setting == "online" else []
-                probe = method == args.probe_method and setting == "continual" and k == 0
-                for probed in ([False, True] if probe else [False]):
-                    run_id = f"{stamp}-{method}-{setting}-o{k}" + ("-probes" if probed else "")
-                    cfg = load_config(f"configs/fmnistc_{method}.yaml", base + extra + [
-                        f"data.manifest={path}", f"run_id={run_id}", f"probes.every={1 if probed else 0}"])
-                    cells.append(({"method": method, "setting": setting, "order": k, "probes": probed}, cfg))
+    methods = args.methods.split(",")
+    online_methods = args.online_methods.split(",") if args.online_methods else methods
+    # Setting-major, extra orders last: a campaign cut short still has whole settings for every method.
+    plan = [(setting, method, 0, files[setting][0]) for setting in args.settings.split(",") for method in methods
+            if setting != "online" or method in online_methods]
+    plan += [("continual", method, k + 1, path) for method in methods if method in args.order_methods.split(",")
+             for k, path in enumerate(files.get("continual_orders", []))]
+    cells = []  # (label dict, config)
+    for setting, method, k, path in plan:
+        extra = ["ttt.protocol=online", f"ttt.online.eta={args.eta}"] if setting == "online" else []
+        probe = method == args.probe_method and setting == "continual" and k == 0
+        for probed in ([False, True] if probe else [False]):
+            run_id = f"{stamp}-{method}-{setting}-o{k}" + ("-probes" if probed else "")
+            cfg = load_config(f"configs/fmnistc_{method}.yaml", base + extra + [
+                f"data.manifest={path}", f"run_id={run_id}", f"probes.every={1 if probed else 0}"])
+            cells.append(({"method": method, "setting": setting, "order": k, "probes": probed}, cfg))
     from pipeline.job.runner import run_jobs
 
-    t0 = time.perf_counter()
-    dirs = run_jobs([c for _, c in cells])
-    print(f"{len(cells)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = []
-    for (label, _), run_dir in zip(cells, dirs):
-        s = json.loads((run_dir / "summary.json").read_text())
-        o, cost = s["overall"], s.get("cost") or {}
-        wrong = round(o["error"] * o["scored"])
-        lo, hi = wilson(wrong, o["scored"])
-        row = {**label, "n": o["scored"], "error": o["error"], "lo": lo, "hi": hi, "ece": o.get("ece"),
-               "nll": o.get("nll"), "brier": o.get("brier"), "worker_s": cost.get("worker_s"),
-               "adapt_s_per_1k": 1000 * (cost.get("adapt_s_per_sample") or 0), "fwd": cost.get("forward_passes_per_sample"),
-               "bwd": cost.get("backward_passes_per_sample"),
-               "rss_mb": max([v["rss_mb"] or 0 for v in (cost.get("peak_memory_mb") or {}).values()] or [0]),
-               "adapted": s["protocol"]["adapted_fraction"], "samples_per_s": s["throughput"]["samples_per_s"]}
-        probes_dir = run_dir / "probes"
-        if probes_dir.is_dir():
-            pr = pd.read_parquet(probes_dir)
-            end = pr[pr["position"] == pr["position"].max()]
-            row["clean_error_end"] = float(end.loc[end["probe_set"] == "clean", "error"].iloc[0])
-            row["clean_error_start"] = float(pr.loc[(pr["position"] == 0) & (pr["probe_set"] == "clean"), "error"].iloc[0])
-            pr.to_csv(out / f"probes-{label['method']}.csv", index=False)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "table.csv", index=False)
+    rows: list[dict] = []
     pd.set_option("display.width", 250)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+    def done(i: int, run_dir: Path) -> None:  # the table after every cell: a cut-short campaign keeps what ran
+        rows.append(table_row(cells[i][0], run_dir, out))
+        pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
+        print(f"[bench] cell {len(rows)}/{len(cells)} done: {cells[i][0]} error {rows[-1]['error']:.4f}", flush=True)
+
+    t0 = time.perf_counter()
+    print(f"[bench] {len(cells)} cells", flush=True)
+    run_jobs([c for _, c in cells], on_done=done)
+    print(f"{len(cells)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def table_row(label: dict, run_dir: Path, out: Path) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    o, cost = s["overall"], s.get("cost") or {}
+    wrong = round(o["error"] * o["scored"])
+    lo, hi = wilson(wrong, o["scored"])
+    row = {**label, "n": o["scored"], "error": o["error"], "lo": lo, "hi": hi, "ece": o.get("ece"),
+           "nll": o.get("nll"), "brier": o.get("brier"), "worker_s": cost.get("worker_s"),
+           "adapt_s_per_1k": 1000 * (cost.get("adapt_s_per_sample") or 0), "fwd": cost.get("forward_passes_per_sample"),
+           "bwd": cost.get("backward_passes_per_sample"),
+           "rss_mb": max([v["rss_mb"] or 0 for v in (cost.get("peak_memory_mb") or {}).values()] or [0]),
+           "adapted": s["protocol"]["adapted_fraction"], "samples_per_s": s["throughput"]["samples_per_s"],
+           "run_dir": str(run_dir)}
+    probes_dir = run_dir / "probes"
+    if probes_dir.is_dir():
+        pr = pd.read_parquet(probes_dir)
+        end = pr[pr["position"] == pr["position"].max()]
+        row["clean_error_end"] = float(end.loc[end["probe_set"] == "clean", "error"].iloc[0])
+        row["clean_error_start"] = float(pr.loc[(pr["position"] == 0) & (pr["probe_set"] == "clean"), "error"].iloc[0])
+        pr.to_csv(out / f"probes-{label['method']}.csv", index=False)
+    return row
 
 
 if __name__ == "__main__":
