@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline import cli
 from workers.models import ModelLoadError, build_model, load_model, resolve_factory
@@ -136,6 +137,20 @@ def test_what_may_be_a_factory(user_pkg):
                      ("builtins:eval", "standard library")):
         with pytest.raises(ModelLoadError, match=why):
             resolve_factory(ref)
+
+
+def shipped_factories() -> dict[str, str]:
+    """`config file: model.factory` of every shipped config that names one."""
+    found = {p.name: ((yaml.safe_load(p.read_text()) or {}).get("model") or {}).get("factory")
+             for p in sorted((ROOT / "configs").glob("*.yaml"))}
+    return {name: factory for name, factory in found.items() if factory}
+
+
+@pytest.mark.parametrize("config, factory", shipped_factories().items())
+def test_every_shipped_config_names_a_factory_the_guard_allows(config, factory):
+    """The allow-list and the configs move together: the guard once refused the Fashion-MNIST-C
+    configs' own `pipeline.embedded.fashion:fashion_resnet`, so none of them could run."""
+    assert callable(resolve_factory(factory)), config
 
 
 @pytest.mark.parametrize("factory, kwargs, what", [

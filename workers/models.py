@@ -9,7 +9,7 @@ callable is checked before it is ever called. A factory must be
     library, and outside this project's own code), or
   - a model builder of an allow-listed model library: `torchvision.models:<arch>` (an entry of
     `torchvision.models.list_models()`), `timm:create_model` or a registered timm architecture,
-    and this project's `pipeline.benchmarks.zoo` / `pipeline.embedded.model`;
+    and this project's `pipeline.benchmarks.zoo` / `pipeline.embedded.model` / `pipeline.embedded.fashion`;
 never a callable of numpy, torch's I/O (`torch:load`, `torch.hub`, `torch.serialization`),
 process or OS modules of any package (`psutil:Popen`, `os:system`, `subprocess:run`), or anything
 that is not a plain Python function or class. A call that would download weights
@@ -43,9 +43,9 @@ class ModelLoadError(ValueError):
 
 NO_CHECKPOINT = "none"  # model.checkpoint: none = evaluate the factory's own (e.g. random) weights on purpose
 
-# this project's own packages: only the zoo and the embedded default model are factories
+# this project's own packages: only the zoo and the embedded source models (MNIST, Fashion-MNIST) are factories
 PROJECT_PACKAGES = ("pipeline", "workers", "ttt", "kb_index")
-PROJECT_FACTORY_MODULES = ("pipeline.benchmarks.zoo", "pipeline.embedded.model")
+PROJECT_FACTORY_MODULES = ("pipeline.benchmarks.zoo", "pipeline.embedded.model", "pipeline.embedded.fashion")
 # libraries whose model builders are factories (functions are checked against their registries)
 MODEL_LIBRARIES = ("torchvision", "timm")
 # refused by name before import: packages that hold no models and do I/O, run processes or load pickles
