@@ -61,7 +61,9 @@ def main() -> None:
     p.add_argument("--settings", default="continual,online,mixed,correlated")
     p.add_argument("--orders", type=int, default=1, help="continual: this many domain orders (the first = listed)")
     p.add_argument("--order-methods", default="norm,tent", help="methods run on every order")
-    p.add_argument("--online-methods", default="", help="methods of the online setting (default: all)")
+    p.add_argument("--only", action="append", default=[], metavar="SETTING=M1,M2",
+                   help="run SETTING for these methods only (repeatable; default: every method in every setting)")
+    p.add_argument("--stamp", default=None, help="run-id prefix; an earlier run's resumes its cells (default: now)")
     p.add_argument("--probe-method", default="tent", help="continual offline of this method runs with probes too")
     p.add_argument("--out", default="runs/bench-fmnistc")
     p.add_argument("--eta", type=float, default=1.0)
@@ -75,12 +77,12 @@ def main() -> None:
             f"workers.num_workers={args.num_workers}",
             "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",
             "probes.clean_n=1000", "probes.per_domain=100", f"ttt.eata.fisher_data={build / 'train.npz'}"]
-    stamp = time.strftime("%H%M%S")
+    stamp = args.stamp or time.strftime("%H%M%S")
     methods = args.methods.split(",")
-    online_methods = args.online_methods.split(",") if args.online_methods else methods
+    only = {k: v.split(",") for k, _, v in (o.partition("=") for o in args.only)}
     # Setting-major, extra orders last: a campaign cut short still has whole settings for every method.
     plan = [(setting, method, 0, files[setting][0]) for setting in args.settings.split(",") for method in methods
-            if setting != "online" or method in online_methods]
+            if method in only.get(setting, methods)]
     plan += [("continual", method, k + 1, path) for method in methods if method in args.order_methods.split(",")
              for k, path in enumerate(files.get("continual_orders", []))]
     cells = []  # (label dict, config)

@@ -42,7 +42,11 @@ def test_local_rows_equal_the_ray_jobs_with_one_shard(small_default, tmp_path, r
     pd.testing.assert_frame_equal(local.analysis[keep].reset_index(drop=True), ray_an, check_dtype=False)
     info = json.loads((job_dir / "run.json").read_text())
     assert info["protocol"]["independent_streams"] == 1 and info["config"]["workers"]["num_shards"] == 1
-    assert json.loads((local.run_dir / "summary.json").read_text())["protocol"]["num_shards"] == 1
+    # summary.json's protocol: the stream's (run.json) and what the rows measured of it, in both modes
+    for run_dir in (job_dir, local.run_dir):
+        proto = json.loads((run_dir / "summary.json").read_text())["protocol"]
+        assert proto["num_shards"] == 1 and proto["independent_streams"] == 1, run_dir
+        assert proto["adapted_fraction"] == 1.0 and proto["rows_not_adapted"] == 0, run_dir
 
 
 def test_every_row_an_error_row_fails_in_one_line(small_default, tmp_path, ray_session) -> None:
