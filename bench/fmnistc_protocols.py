@@ -121,7 +121,7 @@ def table_row(label: dict, run_dir: Path, out: Path) -> dict:
            "adapt_s_per_1k": 1000 * (cost.get("adapt_s_per_sample") or 0), "fwd": cost.get("forward_passes_per_sample"),
            "bwd": cost.get("backward_passes_per_sample"),
            "rss_mb": max([v["rss_mb"] or 0 for v in (cost.get("peak_memory_mb") or {}).values()] or [0]),
-           "adapted": s["protocol"]["adapted_fraction"], "samples_per_s": s["throughput"]["samples_per_s"],
+           "adapted": (s.get("protocol") or {}).get("adapted_fraction"), "samples_per_s": s["throughput"]["samples_per_s"],
            "run_dir": str(run_dir)}
     probes_dir = run_dir / "probes"
     if probes_dir.is_dir():
