@@ -72,7 +72,6 @@ def main() -> None:
     build, out = Path(args.build), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = manifests(build, args.per_domain, args.orders, out / "manifests")
-    cells = []  # (label dict, config)
     base = [f"model.checkpoint={args.checkpoint}", f"output_root={out}", "workers.num_shards=1", "workers.num_cpus=1",
             f"workers.num_workers={args.num_workers}",
             "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",

@@ -231,7 +231,6 @@ def parse_sweep(raw: dict[str, Any], *, base_dir: str | Path = ".", overrides: l
                      validation=validation, streams=streams, source=source)
 
 
-
 def _base_tree(raw: dict[str, Any], base_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
     """The config every cell starts from: `base` (a file) or `config` (inline), then the sweep's
     `set:` and the command line's `--set` on top, in that order."""

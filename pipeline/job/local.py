@@ -31,7 +31,7 @@ from pipeline.job.checks import in_process_services, prepare_run
 from pipeline.job.fingerprint import inputs_fingerprint
 from pipeline.job.inputs import InputSpec, block_ranges, block_rows, count_rows, prepare_block
 from pipeline.job.outputs import RunFailed, summarise_run, write_json, write_shard
-from pipeline.job.protocol import finish_checks, summary_protocol
+from pipeline.job.protocol import finish_checks
 from pipeline.job.provenance import new_run_id
 from pipeline.job.record import part_columns, run_info
 from ttt import TTTConfig, build_method
@@ -87,11 +87,11 @@ def run_local(cfg: RunConfig, *, write: bool = True, log: Any = print) -> LocalR
         info["mode"] = "local"
         run_dir.mkdir(parents=True, exist_ok=True)
         write_shard(run_dir, 0, out, cfg.config_hash(), columns)
-        summary = summarise_run(run_dir)
+        summary = summarise_run(run_dir, info["protocol"])
         summary["throughput"] = {"wall_s": wall, "rows_processed": len(out["results"]),
                                  "samples_per_s": len(out["results"]) / wall if wall > 0 else None}
         failure, summary["warnings"] = finish_checks(run_dir, cfg, summary, info["predict_from"])
-        summary["protocol"], summary["cache"] = summary_protocol(info["protocol"], summary.get("protocol")), None
+        summary["cache"] = None
         write_json(run_dir / "summary.json", summary)
         info["counts"].update(rows=summary["overall"]["n"], errors=summary["overall"]["errors_rows"], shards=1)
         info.update(status="failed" if failure else "finished", error=failure, output_dir=str(run_dir.resolve()),

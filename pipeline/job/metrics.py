@@ -85,8 +85,10 @@ def costs(run_dir: Path) -> dict[str, Any]:
             "peak_memory_mb": peaks, "periodic_resets": resets}
 
 
-def add_metrics(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Fill calibration into `summary`'s overall / per-domain entries and add `cost` and `protocol`."""
+def add_metrics(run_dir: Path, summary: dict[str, Any], stream_protocol: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill calibration into `summary`'s overall / per-domain entries and add `cost` and `protocol`:
+    the run's stream protocol (`stream_protocol`, run.json's) with what the rows measured of it, in
+    one dict, so neither half replaces the other (a summary once lost the measured half)."""
     overall, per_domain, adapted = calibration(run_dir)
     summary["overall"].update(overall)
     for domain, values in per_domain.items():
@@ -94,6 +96,7 @@ def add_metrics(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     cost = costs(run_dir)
     summary["cost"] = {k: v for k, v in cost.items() if k != "periodic_resets"}
     summary["protocol"] = {
+        **(stream_protocol or {}),
         "adapted_fraction": adapted["rows_adapted"] / adapted["rows_known"] if adapted["rows_known"] else None,
         "rows_not_adapted": adapted["rows_known"] - adapted["rows_adapted"], "periodic_resets": cost["periodic_resets"]}
     return summary

@@ -230,10 +230,11 @@ def load_state(run_dir: Path, commit: dict[str, Any] | None) -> bytes | None:
 SUMMARY_COLUMNS = ("domain", "correct", "error", "nll", "n_bytes")  # all that summarise_run reads
 
 
-def summarise_run(run_dir: Path) -> dict[str, Any]:
+def summarise_run(run_dir: Path, stream_protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """Headline metrics overall and per domain: error over rows with a label and a prediction;
     for LM rows also bits per byte, pooled over bytes (sum of nll / sum of bytes), as the
-    TTT-NN paper reports it. Aggregated part by part over the five columns it needs: a 1.5M-row
+    TTT-NN paper reports it. `stream_protocol` (run.json's `protocol`) heads the summary's
+    `protocol`, beside what the rows measured of it. Aggregated part by part over the five columns it needs: a 1.5M-row
     run's results read whole took the driver from 0.7 to 1.9 GB at the end of the run."""
     scored: dict[str, list[int]] = {}  # domain -> [rows scored, rows wrong], in order of appearance
     pooled: dict[str, list[float]] = {}  # domain -> [rows without error, sum nll, sum bytes] (LM rows)
@@ -276,7 +277,7 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
     if lm:
         out["overall"]["bits_per_byte"] = _bits_per_byte(lm_total[1], lm_total[2]) if lm_total[0] else None
     out["workers"] = worker_memory(run_dir)
-    return add_metrics(run_dir, out)  # calibration per domain and overall, cost, protocol (pipeline/job/metrics.py)
+    return add_metrics(run_dir, out, stream_protocol)  # calibration per domain and overall, cost, protocol (pipeline/job/metrics.py)
 
 
 def worker_memory(run_dir: Path) -> list[dict[str, Any]]:

@@ -59,13 +59,6 @@ def protocol(cfg: RunConfig, manifest_meta: Mapping[str, Any] | None) -> dict[st
             "reset_on_domain_change": bool(cfg.ttt.reset_on_domain_change), "episodic": bool(cfg.ttt.episodic)}
 
 
-def summary_protocol(stream: Mapping[str, Any] | None, measured: Mapping[str, Any] | None) -> dict[str, Any]:
-    """summary.json's `protocol`: the run's stream protocol (run.json's, above) and what the rows
-    measured of it (`adapted_fraction`, `rows_not_adapted`, `periodic_resets`: pipeline/job/metrics.py).
-    One key for both, so neither may replace the other (a summary once lost the measured half)."""
-    return {**(stream or {}), **(measured or {})}
-
-
 def streams_text(proto: Mapping[str, Any] | None) -> str:
     """One line for the summary and the report, e.g. `one stream (setting continual)`."""
     if not proto:

@@ -17,7 +17,7 @@ from pipeline.job.lock import RunLock
 from pipeline.job.outputs import PartColumns, RunFailed, committed_shards, summarise_run, write_json
 from pipeline.job.pool import SharedActors
 from pipeline.job.progress import log
-from pipeline.job.protocol import finish_checks, protocol, summary_protocol
+from pipeline.job.protocol import finish_checks, protocol
 from pipeline.job.provenance import git_commit, new_run_id, package_versions, source_hash
 from pipeline.job.signals import Interrupted, critical
 from pipeline.manifest import read_manifest_meta
@@ -103,7 +103,7 @@ class Run:
         """All shards committed: summary.json, run.json `finished`."""
         if self.status == "finished":  # finished by an earlier driver: nothing new to record
             return
-        summary = summarise_run(self.run_dir)
+        summary = summarise_run(self.run_dir, self.info.get("protocol"))
         wall = time.perf_counter() - self.t0
         processed = sum(self.bounds[s][1] - self.bounds[s][0] - self.resumed.get(s, 0) for s in self.todo)
         summary["throughput"] = {
@@ -115,7 +115,6 @@ class Run:
             "startup": startup_breakdown(self.first_timeline, timing["started_at"])}
         summary["cache"] = self.shared.cache_stats() if self.shared is not None else None
         failure, summary["warnings"] = finish_checks(self.run_dir, self.cfg, summary, self.info["predict_from"])
-        summary["protocol"] = summary_protocol(self.info.get("protocol"), summary.get("protocol"))
         write_json(self.run_dir / "summary.json", summary)
         if failure:  # every row an error row: not a result (run_jobs marks the run failed)
             raise RunFailed(f"run {self.run_id}: {failure}")
