@@ -29,7 +29,9 @@ domain whatever its order, and the cell equals the continual one. A method is
 SmallCNN, `.cache/models`; `ttt`, `ttt_episodic` and `source_rotation` use the one with TTT's
 rotation head, `pipeline.embedded.model:small_cnn_rotation`). `--methods all` runs every method (old and
 new); EATA's Fisher term and RMT's / SANTA's source samples read the embedded clean training split
-(the digits the source model was trained on). Prints error % per setting (gradual: over the whole stream, and over
+(the digits the source model was trained on). Methods in `--short` (the slow ones: MEMO adapts each test
+point on 32 views, episodic TTT takes 10 steps per batch) run on the first `--short-per-domain` digits of each
+domain instead. `--csv` is rewritten after every cell. Prints error % per setting (gradual: over the whole stream, and over
 its severity-5 rows), and the worker seconds.
 """
 from __future__ import annotations
@@ -125,7 +127,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=None, help="correlated: time slots (default RoTTA's)")
     parser.add_argument("--mix-domains", action="store_true", help="correlated over all domains shuffled together")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--csv")
+    parser.add_argument("--short", default="", help="methods run on the shorter stream (comma list)")
+    parser.add_argument("--short-per-domain", type=int, default=100)
+    parser.add_argument("--csv", help="the cells so far, rewritten after each one (a run cut short keeps them)")
     args = parser.parse_args()
     if args.methods == "all":
         args.methods = ALL_METHODS
@@ -139,6 +143,9 @@ def main() -> None:
     SETTING_PARAMS["correlated"] = {"delta": args.delta, "seed": 0, "slots": args.slots, "mix_domains": args.mix_domains}
     out = Path(tempfile.mkdtemp(prefix="bench-settings-"))
     manifests = build_manifests(Path(args.root), out, settings, args.per_domain, args.gradual_per_domain)
+    short = [m for m in args.short.split(",") if m]
+    short_manifests = (build_manifests(Path(args.root), out / "short", settings, args.short_per_domain,
+                                       args.gradual_per_domain) if short else {})
     source = source_split(out)
     common = [f"output_root={out / 'runs'}", "workers.num_shards=1", "workers.num_cpus=0.5", *args.overrides]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -146,20 +153,22 @@ def main() -> None:
     for method in args.methods.split(","):
         for setting in settings:
             started = time.time()
-            run_dir = run_cell(method, *manifests[setting], common, source)
+            run_dir = run_cell(method, *(short_manifests if method in short else manifests)[setting], common, source)
             rows.append({"method": method, "setting": setting, **cell_errors(run_dir), "wall_s": time.time() - started})
-            print(f"[bench] {method} / {setting}: error {rows[-1]['error']:.2f}%  ({run_dir})", flush=True)
+            print(f"[bench] {method} / {setting}: error {rows[-1]['error']:.2f}% on {rows[-1]['n']} rows, worker "
+                  f"{rows[-1]['worker_s']:.1f} s  ({run_dir})", flush=True)
+            if args.csv:
+                pd.DataFrame(rows).to_csv(args.csv, index=False)
     ray.shutdown()
 
     cells = pd.DataFrame(rows)
-    if args.csv:
-        cells.to_csv(args.csv, index=False)
     table = cells.pivot(index="method", columns="setting", values="error")[settings]
     if "gradual" in settings:
         table["gradual_sev5"] = cells[cells.setting == "gradual"].set_index("method")["error_sev5"]
     table = table.loc[args.methods.split(",")]
     table["worker_s"] = cells.groupby("method")["worker_s"].sum()
-    print(f"\nerror % per setting, {args.per_domain} digits/domain (gradual {args.gradual_per_domain}/visit), one stream\n")
+    print(f"\nerror % per setting, {args.per_domain} digits/domain (gradual {args.gradual_per_domain}/visit; "
+          f"{args.short_per_domain} for {args.short or 'none'}), one stream\n")
     print(table.round(2).to_markdown())
     print("\n" + json.dumps({s: manifests[s][1]["rows"] for s in settings}))
 
