@@ -31,7 +31,7 @@ rotation head, `pipeline.embedded.model:small_cnn_rotation`). `--methods all` ru
 new); EATA's Fisher term and RMT's / SANTA's source samples read the embedded clean training split
 (the digits the source model was trained on). Methods in `--short` (the slow ones: MEMO adapts each test
 point on 32 views, episodic TTT takes 10 steps per batch) run on the first `--short-per-domain` digits of each
-domain instead. `--csv` is rewritten after every cell. Prints error % per setting (gradual: over the whole stream, and over
+domain instead (gradual streams keep `--gradual-per-domain`). `--csv` is rewritten after every cell. Prints error % per setting (gradual: over the whole stream, and over
 its severity-5 rows), and the worker seconds.
 """
 from __future__ import annotations
