@@ -11,29 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from pipeline.analysis.stats import hierarchical_bootstrap, wilson_ci  # noqa: E402
 from pipeline.benchmarks.layouts import BENCHMARK_CORRUPTIONS, build_manifest  # noqa: E402
 from pipeline.benchmarks.orders import build_order_manifests  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 SETTINGS = {"continual": ("continual", {}), "online": ("continual", {}), "mixed": ("mixed_domains", {"seed": 0}),
             "correlated": ("correlated", {"delta": 0.1, "seed": 0})}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def manifests(build: Path, per_domain: int, orders: int, out: Path) -> dict[str, list[Path]]:
@@ -65,11 +58,18 @@ def main() -> None:
                    help="run SETTING for these methods only (repeatable; default: every method in every setting)")
     p.add_argument("--stamp", default=None, help="run-id prefix; an earlier run's resumes its cells (default: now)")
     p.add_argument("--probe-method", default="tent", help="continual offline of this method runs with probes too")
+    p.add_argument("--end-probes", action="store_true",
+                   help="every other cell probes the source and its end-of-stream state (forgetting at the end)")
     p.add_argument("--out", default="runs/bench-fmnistc")
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--summarise", action="store_true", help="only rebuild OUT/orders.csv from OUT/table.csv")
     p.add_argument("--num-workers", type=int, default=1, help="the pool's workers: cells run side by side")
     args = p.parse_args()
     build, out = Path(args.build), Path(args.out)
+    if args.summarise:
+        over_orders(pd.read_csv(out / "table.csv").to_dict("records")).to_csv(out / "orders.csv", index=False)
+        print((out / "orders.csv").read_text())
+        return
     out.mkdir(parents=True, exist_ok=True)
     files = manifests(build, args.per_domain, args.orders, out / "manifests")
     base = [f"model.checkpoint={args.checkpoint}", f"output_root={out}", "workers.num_shards=1", "workers.num_cpus=1",
@@ -90,8 +90,10 @@ def main() -> None:
         probe = method == args.probe_method and setting == "continual" and k == 0
         for probed in ([False, True] if probe else [False]):
             run_id = f"{stamp}-{method}-{setting}-o{k}" + ("-probes" if probed else "")
+            # a period longer than any stream probes only position 0 and the final state
+            every = 1 if probed else (10**9 if args.end_probes else 0)
             cfg = load_config(f"configs/fmnistc_{method}.yaml", base + extra + [
-                f"data.manifest={path}", f"run_id={run_id}", f"probes.every={1 if probed else 0}"])
+                f"data.manifest={path}", f"run_id={run_id}", f"probes.every={every}"])
             cells.append(({"method": method, "setting": setting, "order": k, "probes": probed}, cfg))
     from pipeline.job.runner import run_jobs
 
@@ -101,6 +103,7 @@ def main() -> None:
     def done(i: int, run_dir: Path) -> None:  # the table after every cell: a cut-short campaign keeps what ran
         rows.append(table_row(cells[i][0], run_dir, out))
         pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
+        over_orders(rows).to_csv(out / "orders.csv", index=False)
         print(f"[bench] cell {len(rows)}/{len(cells)} done: {cells[i][0]} error {rows[-1]['error']:.4f}", flush=True)
 
     t0 = time.perf_counter()
@@ -110,11 +113,35 @@ def main() -> None:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+def over_orders(rows: list[dict]) -> pd.DataFrame:
+    """One row per (method, setting) run on several domain orders: the error averaged over orders
+    with a two-level bootstrap interval (orders, then each domain's samples; pipeline/analysis/stats),
+    the orders' range, and the clean-data error at the end averaged over the orders that probed it."""
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    got = []
+    for (method, setting), cells in table[~table["probes"]].groupby(["method", "setting"]):
+        if len(cells) < 2:
+            continue
+        per_domain = [json.loads((Path(d) / "summary.json").read_text())["per_domain"] for d in cells["run_dir"]]
+        domains = sorted(per_domain[0])
+        n = np.array([[pdm[d]["n"] for d in domains] for pdm in per_domain])
+        wrong = np.array([[round(pdm[d]["error"] * pdm[d]["n"]) for d in domains] for pdm in per_domain])
+        error, lo, hi = hierarchical_bootstrap(wrong, n)
+        clean = cells["clean_error_end"].dropna() if "clean_error_end" in cells else pd.Series(dtype=float)
+        got.append({"method": method, "setting": setting, "orders": len(cells), "error": error, "lo": lo, "hi": hi,
+                    "min": cells["error"].min(), "max": cells["error"].max(), "ece": cells["ece"].mean(),
+                    "clean_error_end": clean.mean() if len(clean) else None, "clean_orders": len(clean),
+                    "worker_s": cells["worker_s"].mean()})
+    return pd.DataFrame(got)
+
+
 def table_row(label: dict, run_dir: Path, out: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     o, cost = s["overall"], s.get("cost") or {}
     wrong = round(o["error"] * o["scored"])
-    lo, hi = wilson(wrong, o["scored"])
+    lo, hi = wilson_ci(wrong, o["scored"])
     row = {**label, "n": o["scored"], "error": o["error"], "lo": lo, "hi": hi, "ece": o.get("ece"),
            "nll": o.get("nll"), "brier": o.get("brier"), "worker_s": cost.get("worker_s"),
            "adapt_s_per_1k": 1000 * (cost.get("adapt_s_per_sample") or 0), "fwd": cost.get("forward_passes_per_sample"),
@@ -125,10 +152,12 @@ def table_row(label: dict, run_dir: Path, out: Path) -> dict:
     probes_dir = run_dir / "probes"
     if probes_dir.is_dir():
         pr = pd.read_parquet(probes_dir)
-        end = pr[pr["position"] == pr["position"].max()]
-        row["clean_error_end"] = float(end.loc[end["probe_set"] == "clean", "error"].iloc[0])
-        row["clean_error_start"] = float(pr.loc[(pr["position"] == 0) & (pr["probe_set"] == "clean"), "error"].iloc[0])
-        pr.to_csv(out / f"probes-{label['method']}.csv", index=False)
+        clean = pr[pr["probe_set"] == "clean"].set_index("position")["error"]
+        row["clean_error_end"] = float(clean.loc[clean.index.max()])
+        # a resumed run probes no source model (position 0): it was not the one that started the stream
+        row["clean_error_start"] = float(clean.loc[0]) if 0 in clean.index else None
+        if label["probes"]:  # the along-the-stream probes; end-only probes stay in the run's probes/
+            pr.to_csv(out / f"probes-{label['method']}.csv", index=False)
     return row
 
 
