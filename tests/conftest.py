@@ -6,6 +6,10 @@ import os
 import pytest
 
 DOMAINS = ["shot_noise", "motion_blur", "fog"]
+# A hang guard for the subprocesses and waits of the tests, never a pass condition: every wait ends
+# on an event. Long, because at load 10-30 a fresh interpreter importing torch and Ray, or a worker
+# starting, takes minutes (a 120 s limit failed a correct test so).
+SAFETY_S = 900
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SAFETY_S
 from PIL import Image
 
 from pipeline import cli
@@ -374,7 +375,7 @@ def test_full_disk_fails_in_one_line_and_resumes(small_default, tmp_path):
             "ttt.batch_size=50", "workers.num_shards=3"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, str(script), args[0], "2000", *args[1:]], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SAFETY_S)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DISKFULL")][0]
     assert "no space left writing" in line and "rerun with the same run_id" in line
@@ -382,7 +383,7 @@ def test_full_disk_fails_in_one_line_and_resumes(small_default, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     assert not list(run_dir.rglob("*.tmp"))
     proc = subprocess.run([sys.executable, str(script), args[0], "0", *args[1:]], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SAFETY_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_parquet(run_dir / "results")
     assert len(df) == pq.read_metadata(small_default["manifest"]).num_rows and df["sample_id"].is_unique
@@ -411,7 +412,7 @@ def test_any_shard_count_finishes_on_a_two_cpu_cluster(small_default, tmp_path):
             f"output_root={tmp_path / 'runs'}", "data.limit=40", "ttt.batch_size=5"]
     proc = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "mnistc_tent.yaml"), "3,8", *args],
                           cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=SAFETY_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("DONE")] == ["3", "8"]
     for shards in (3, 8):

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SAFETY_S
 
 from pipeline.config import load_config
 from pipeline.job.runner import run_job
@@ -115,7 +116,7 @@ def test_driver_killed_mid_shard_resumes_from_the_last_commit(small_default, tmp
     proc = subprocess.Popen([sys.executable, str(script), config, *base, "run_id=killed"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     commits = tmp_path / "runs" / "killed" / "results"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + SAFETY_S
     while time.monotonic() < deadline:  # wait for a few chunks of each shard, not the end
         done = [json.loads(p.read_text()) for p in commits.glob("_COMMIT-*.json")] if commits.exists() else []
         if any(c["chunk"] >= 1 for c in done) and not any(c["done"] for c in done):
@@ -125,11 +126,11 @@ def test_driver_killed_mid_shard_resumes_from_the_last_commit(small_default, tmp
     proc.wait()
     assert done and not any(c["done"] for c in done), done
     out = subprocess.run([sys.executable, str(script), config, *base, "run_id=killed"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "from row" in out.stdout  # a shard went on mid-way
     undisturbed = subprocess.run([sys.executable, str(script), config, *base, "run_id=undisturbed"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=SAFETY_S)
     assert undisturbed.returncode == 0, undisturbed.stderr[-2000:]
     a = pd.read_parquet(tmp_path / "runs" / "killed" / "results").sort_values("position").drop(columns="run_id")
     b = pd.read_parquet(tmp_path / "runs" / "undisturbed" / "results").sort_values("position").drop(columns="run_id")

@@ -21,10 +21,10 @@ import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAFETY_S
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "mnistc_tent.yaml")
-SAFETY_S = 400  # a safety net only: every wait below ends on an event
 
 
 def base_args(small_default, root: Path) -> list[str]:
@@ -121,7 +121,7 @@ def assert_interrupted(proc, log: Path, run_dir: Path, run_id: str, code: int, f
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
-    wait_for(lambda: gone(family_procs), what="the driver's Ray processes to end", timeout=120)
+    wait_for(lambda: gone(family_procs), what="the driver's Ray processes to end")
 
 
 def test_sigterm_stops_cleanly_and_the_local_instance_exposes_nothing(small_default, undisturbed, tmp_path):
@@ -212,7 +212,7 @@ def test_a_second_driver_mid_run_refuses_and_touches_nothing(small_default, tmp_
 def test_run_ids_that_leave_output_root_are_refused(run_id, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", CONFIG, "--set", f"output_root={tmp_path}",
                            "--set", f"run_id={json.dumps(run_id)}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=SAFETY_S)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and "run_id" in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir()) and not Path("/tmp/abs").exists()

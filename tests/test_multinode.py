@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAFETY_S
 
 from pipeline.config import load_config
 from pipeline.job.runner import run_job
@@ -83,7 +84,7 @@ def _run(tmp_path: Path, small_default, cpus: int, mode: str, kill: str = "grace
     overrides = _overrides(tmp_path, small_default, f"{mode}-{cpus}")
     proc = subprocess.run([sys.executable, str(script), str(cpus), mode, kill, str(ROOT / "configs" / "mnistc_tent.yaml"),
                            *overrides], cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=SAFETY_S)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(lines[0].split(" ", 1)[1])

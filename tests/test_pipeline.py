@@ -27,7 +27,7 @@ from pipeline.job.record import Run, shard_bounds
 from pipeline.job.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
-from conftest import DOMAINS  # noqa: E402  (the small stream's domains)
+from conftest import DOMAINS, SAFETY_S  # noqa: E402  (the small stream's domains; the hang guard)
 
 
 def make_cfg(small_default, tmp_path, *overrides: str):
@@ -65,7 +65,7 @@ def test_cli_config_error_is_one_line_and_exits_before_ray(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # any attempt to reach Ray would hang or fail
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/mnistc_tent.yaml",
                            "--set", "ttt.method=tentt"], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=60)
+                          env=env, timeout=SAFETY_S)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ttt.method" in lines[0] and "tentt" in lines[0]
@@ -202,7 +202,7 @@ def test_resume_skips_written_shards(ray_session, small_default, tmp_path):
 
 def _stop_worker_mid_shard(ray, prefix: str, sig: int) -> bool:
     """Send `sig` to the first worker named `prefix*` once it has done a row; True when sent."""
-    deadline = time.time() + 120
+    deadline = time.time() + SAFETY_S
     while time.time() < deadline:
         names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
         if names:
@@ -231,7 +231,7 @@ def test_killed_worker_is_replaced_and_results_unchanged(ray_session, small_defa
         time.sleep(0.1)
     assert json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())["resumes"][0]["worker"].startswith(
         "ttt-killed-w0")
-    thread.join(timeout=300)
+    thread.join(timeout=SAFETY_S)
     run = json.loads((box["run_dir"] / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["restarts"] >= 1
     pd.testing.assert_frame_equal(results_of(box["run_dir"]), reference)
@@ -249,7 +249,7 @@ def _run_signalling_the_worker(ray, cfg, sig: int) -> BaseException | None:
     thread = threading.Thread(target=drive)
     thread.start()
     assert _stop_worker_mid_shard(ray, f"ttt-{cfg.run_id}-w0", sig), "never caught the worker mid-shard"
-    thread.join(timeout=300)
+    thread.join(timeout=SAFETY_S)
     return box.get("exc")
 
 
@@ -279,7 +279,7 @@ def test_a_job_server_address_in_ray_address_is_refused_in_one_line(small_defaul
                            "--set", f"data.manifest={small_default['manifest']}",
                            "--set", f"model.checkpoint={small_default['checkpoint']}",
                            "--set", f"output_root={tmp_path / 'runs'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=SAFETY_S)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "RAY_ADDRESS=http://127.0.0.1:8265" in proc.stderr and "6379" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -351,7 +351,7 @@ def test_notebook_example_compares_three_real_runs(ray_session, small_default, t
         run_job(make_cfg(small_default, tmp_path, f"ttt.method={method}"))
     out = tmp_path / "compare.png"
     proc = subprocess.run([sys.executable, "examples/compare_runs.py", "--root", str(tmp_path / "runs"),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=SAFETY_S)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sys.path.insert(0, str(ROOT / "examples"))

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAFETY_S
 
 from pipeline.analysis import runs as runs_module
 from pipeline.analysis.runs import RunSet, new_run_id, query_runs
@@ -154,7 +155,7 @@ def test_run_ids_are_unique_across_processes() -> None:
     code = "from pipeline.analysis.runs import new_run_id\nprint('\\n'.join(new_run_id('tent') for _ in range(20000)))"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    outputs = [p.communicate(timeout=SAFETY_S)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(outputs[0]) | set(outputs[1])) == 40_000
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import SAFETY_S
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,6 @@ def test_runs_and_help_import_neither_torch_nor_ray(tmp_path: Path) -> None:
             "import pipeline.analysis.runs_cli, pipeline.analysis.report, pipeline.analysis.runs\n"
             "heavy = sorted(m for m in ('torch', 'ray', 'matplotlib.pyplot') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout

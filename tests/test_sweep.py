@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import SAFETY_S
 
 from pipeline.analysis.runs import query_runs
 from pipeline.analysis.stats import hierarchical_bootstrap
@@ -218,13 +219,13 @@ def test_killed_campaign_resumes_to_the_same_table(tmp_path: Path, small_default
         assert proc.poll() is None, "the sweep ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started (its own session)
     finally:
-        proc.wait(timeout=60)
+        proc.wait(timeout=SAFETY_S)
     finished = [d for d in root.iterdir() if (d / "run.json").is_file()
                 and json.loads((d / "run.json").read_text()).get("status") == "finished"]
     assert [d.name for d in finished] == ["killed-source"]  # killed with the tent cell unfinished
     before = {d.name: _mtimes(d) for d in finished}
 
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SAFETY_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{len(finished)} finished already" in done.stdout
     for name, mtimes in before.items():
@@ -246,7 +247,7 @@ def test_report_shows_each_settings_grid_point_and_no_nan(tmp_path: Path) -> Non
 
     out = tmp_path / "camp"
     proc = sp.run([sys.executable, str(REPO / "bench" / "campaign_stats.py"), str(out)], capture_output=True,
-                  text=True, cwd=REPO, timeout=300)
+                  text=True, cwd=REPO, timeout=SAFETY_S)
     assert proc.returncode == 0, proc.stderr
     md = (out / "report" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| tent ") and "oracle" not in line)
