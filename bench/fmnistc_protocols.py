@@ -29,15 +29,20 @@ SETTINGS = {"continual": ("continual", {}), "online": ("continual", {}), "mixed"
             "correlated": ("correlated", {"delta": 0.1, "seed": 0})}
 
 
-def manifests(build: Path, per_domain: int, orders: int, out: Path) -> dict[str, list[Path]]:
+def manifests(build: Path, per_domain: int, orders: int, out: Path, seeds: int = 1) -> dict[str, list[Path]]:
+    """Each setting's manifests: mixed and correlated once per shuffle seed (0 first), continual once
+    per domain order (the listed one first); online streams the continual ones."""
     opts = {"corruptions": list(BENCHMARK_CORRUPTIONS), "severities": [5], "per_domain": per_domain}
     got: dict[str, list[Path]] = {}
     for name, (setting, params) in SETTINGS.items():
         if name == "online":
             continue
-        path, _ = build_manifest("cifar-c", build / "c", out / f"{name}.parquet", setting=setting,
-                                 setting_params=params, **opts)
-        got[name] = [path]
+        got[name] = []
+        for seed in range(seeds if "seed" in params else 1):
+            path, _ = build_manifest("cifar-c", build / "c", out / (f"{name}.parquet" if seed == 0 else f"{name}-s{seed}.parquet"),
+                                     setting=setting, setting_params={**params, "seed": seed} if "seed" in params else params,
+                                     **opts)
+            got[name].append(path)
     if orders > 1:
         got["continual_orders"] = [p for p, _ in build_order_manifests("cifar-c", build / "c", out / "continual.parquet",
                                                                       orders, order_seed=0, **opts)][1:]
@@ -53,7 +58,8 @@ def main() -> None:
     p.add_argument("--methods", default="source,norm,tent,eata,sar,rotta,lame,roid")
     p.add_argument("--settings", default="continual,online,mixed,correlated")
     p.add_argument("--orders", type=int, default=1, help="continual: this many domain orders (the first = listed)")
-    p.add_argument("--order-methods", default="norm,tent", help="methods run on every order")
+    p.add_argument("--seeds", type=int, default=1, help="mixed / correlated: this many shuffle seeds (0 first)")
+    p.add_argument("--order-methods", default="norm,tent", help="methods run on every order and seed")
     p.add_argument("--only", action="append", default=[], metavar="SETTING=M1,M2",
                    help="run SETTING for these methods only (repeatable; default: every method in every setting)")
     p.add_argument("--stamp", default=None, help="run-id prefix; an earlier run's resumes its cells (default: now)")
@@ -71,7 +77,7 @@ def main() -> None:
         print((out / "orders.csv").read_text())
         return
     out.mkdir(parents=True, exist_ok=True)
-    files = manifests(build, args.per_domain, args.orders, out / "manifests")
+    files = manifests(build, args.per_domain, args.orders, out / "manifests", args.seeds)
     base = [f"model.checkpoint={args.checkpoint}", f"output_root={out}", "workers.num_shards=1", "workers.num_cpus=1",
             f"workers.num_workers={args.num_workers}",
             "workers.checkpoint_every=10", "workers.progress_interval_s=30", f"probes.clean={build / 'clean.parquet'}",
@@ -84,6 +90,10 @@ def main() -> None:
             if method in only.get(setting, methods)]
     plan += [("continual", method, k + 1, path) for method in methods if method in args.order_methods.split(",")
              for k, path in enumerate(files.get("continual_orders", []))]
+    # mixed / correlated on more shuffle seeds: labelled as orders, so orders.csv aggregates them the same way
+    plan += [(setting, method, k, files[setting][k]) for setting in ("mixed", "correlated") if setting in args.settings.split(",")
+             for method in methods if method in args.order_methods.split(",") and method in only.get(setting, methods)
+             for k in range(1, len(files[setting]))]
     cells = []  # (label dict, config)
     for setting, method, k, path in plan:
         extra = ["ttt.protocol=online", f"ttt.online.eta={args.eta}"] if setting == "online" else []
