@@ -6,6 +6,10 @@ adapted share, passes per sample, peak RSS. All cells run as one job over one wo
 
   RAY_AUTH_MODE=disabled .venv/bin/python bench/fmnistc_protocols.py --build .cache/fmnistc/n2000-sev5-seed0 \
       --per-domain 1000 --methods source,norm,tent,eata,sar,rotta,lame,roid --orders 3 --order-methods norm,tent
+
+`--seeds N` runs mixed / correlated on N shuffle seeds too, `--end-probes` scores every cell's end-of-stream state
+on the clean set (forgetting), and `--summarise` prints the BENCHMARKS tables from OUT's table.csv / orders.csv.
+A rerun with the same `--stamp` and `--out` skips finished cells and resumes partial ones.
 """
 from __future__ import annotations
 
@@ -68,13 +72,14 @@ def main() -> None:
                    help="every other cell probes the source and its end-of-stream state (forgetting at the end)")
     p.add_argument("--out", default="runs/bench-fmnistc")
     p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--summarise", action="store_true", help="only rebuild OUT/orders.csv from OUT/table.csv")
+    p.add_argument("--summarise", action="store_true",
+                   help="only rebuild OUT/orders.csv from OUT/table.csv and print the BENCHMARKS tables")
     p.add_argument("--num-workers", type=int, default=1, help="the pool's workers: cells run side by side")
     args = p.parse_args()
     build, out = Path(args.build), Path(args.out)
     if args.summarise:
         over_orders(pd.read_csv(out / "table.csv").to_dict("records")).to_csv(out / "orders.csv", index=False)
-        print((out / "orders.csv").read_text())
+        print(markdown_tables(out))
         return
     out.mkdir(parents=True, exist_ok=True)
     files = manifests(build, args.per_domain, args.orders, out / "manifests", args.seeds)
@@ -145,6 +150,52 @@ def over_orders(rows: list[dict]) -> pd.DataFrame:
                     "clean_error_end": clean.mean() if len(clean) else None, "clean_orders": len(clean),
                     "worker_s": cells["worker_s"].mean()})
     return pd.DataFrame(got)
+
+
+STATELESS = ("source", "norm", "lame")  # no state from one batch to the next: every domain order gives the same rows
+
+
+def markdown_tables(out: Path) -> str:
+    """BENCHMARKS.md's two tables from OUT/table.csv and OUT/orders.csv: error per setting, then
+    calibration, clean error at the end, cost. Order 0 of each setting unless a column says otherwise."""
+    full = pd.read_csv(out / "table.csv")
+    cells, orders = full[~full["probes"]], pd.read_csv(out / "orders.csv") if (out / "orders.csv").stat().st_size > 1 else None
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    with_ci = lambda r: "not run" if r is None else f"{pct(r.error)} [{pct(r.lo)}, {pct(r.hi)}]"  # noqa: E731
+
+    def cell(method: str, setting: str):
+        got = cells[(cells["method"] == method) & (cells["setting"] == setting) & (cells["order"] == 0)]
+        return None if got.empty else got.iloc[0]
+
+    lines = ["| method | continual offline (order 0) | continual, 3 orders: mean [95%] (range) | online, eta 1 (adapted) "
+             "| mixed | correlated |", "| --- | --- | --- | --- | --- | --- |"]
+    table2 = ["| method | ECE: cont. / online / mixed / corr. | NLL cont. | clean error at the end: cont. / online / mixed / "
+              "corr. | worker s: cont. / online / mixed / corr. | fwd / bwd per sample (cont.) | peak RSS MB |",
+              "| --- | --- | ---: | --- | --- | --- | ---: |"]
+    published = ["source", "norm", "tent", "eata", "sar", "cotta", "rotta", "lame", "roid"]  # the published table's order
+    for method in sorted(set(cells["method"]), key=lambda m: (published.index(m) if m in published else len(published), m)):
+        cont, online, mixed, corr = (cell(method, s) for s in ("continual", "online", "mixed", "correlated"))
+        agg = None if orders is None else orders[(orders["method"] == method) & (orders["setting"] == "continual")]
+        if agg is not None and len(agg) and agg.iloc[0]["orders"] >= 3:
+            a = agg.iloc[0]
+            over = f"{pct(a.error)} [{pct(a.lo)}, {pct(a.hi)}] ({pct(a['min'])}-{pct(a['max'])})"
+        else:
+            over = "= order 0 (no state across batches)" if method in STATELESS else "not run"
+        if online is None:
+            onl = "= offline (cost 1)" if method in STATELESS else "not run"
+        else:
+            onl = f"{with_ci(online)} ({online.adapted:.2f})"
+        lines.append(f"| {method} | {with_ci(cont)} | {over} | {onl} | {with_ci(mixed)} | {with_ci(corr)} |")
+        probed = full[(full["method"] == method) & (full["setting"] == "continual") & full["clean_error_end"].notna()]
+        clean = ["-" if probed.empty else pct(probed["clean_error_end"].mean()) + (f" ({len(probed)} orders)" if len(probed) > 1 else "")]
+        if method in STATELESS and mixed is not None and pd.notna(mixed.clean_error_end):
+            clean = [pct(mixed.clean_error_end) + " (no state)"]
+        clean += ["-" if r is None or pd.isna(r.clean_error_end) else pct(r.clean_error_end) for r in (online, mixed, corr)]
+        four = (cont, online, mixed, corr)
+        table2.append(f"| {method} | {' / '.join('-' if r is None else f'{r.ece:.3f}' for r in four)} | {cont.nll:.2f} | "
+                      f"{' / '.join(clean)} | {' / '.join('-' if r is None else f'{r.worker_s:.0f}' for r in four)} | "
+                      f"{cont.fwd:.2f} / {cont.bwd:.2f} | {cont.rss_mb:.0f} |")
+    return "\n".join(lines + [""] + table2)
 
 
 def table_row(label: dict, run_dir: Path, out: Path) -> dict:
