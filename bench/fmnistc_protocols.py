@@ -128,15 +128,17 @@ def main() -> None:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+ORDER_COLUMNS = ["method", "setting", "orders", "error", "lo", "hi", "min", "max", "ece", "clean_error_end",
+                 "clean_orders", "worker_s"]
+
+
 def over_orders(rows: list[dict]) -> pd.DataFrame:
     """One row per (method, setting) run on several domain orders: the error averaged over orders
     with a two-level bootstrap interval (orders, then each domain's samples; pipeline/analysis/stats),
     the orders' range, and the clean-data error at the end averaged over the orders that probed it."""
     table = pd.DataFrame(rows)
-    if table.empty:
-        return table
     got = []
-    for (method, setting), cells in table[~table["probes"]].groupby(["method", "setting"]):
+    for (method, setting), cells in (table[~table["probes"]].groupby(["method", "setting"]) if len(table) else []):
         if len(cells) < 2:
             continue
         per_domain = [json.loads((Path(d) / "summary.json").read_text())["per_domain"] for d in cells["run_dir"]]
@@ -149,7 +151,7 @@ def over_orders(rows: list[dict]) -> pd.DataFrame:
                     "min": cells["error"].min(), "max": cells["error"].max(), "ece": cells["ece"].mean(),
                     "clean_error_end": clean.mean() if len(clean) else None, "clean_orders": len(clean),
                     "worker_s": cells["worker_s"].mean()})
-    return pd.DataFrame(got)
+    return pd.DataFrame(got, columns=ORDER_COLUMNS)  # the columns even when no cell has several orders yet
 
 
 STATELESS = ("source", "norm", "lame")  # no state from one batch to the next: every domain order gives the same rows
@@ -159,7 +161,7 @@ def markdown_tables(out: Path) -> str:
     """BENCHMARKS.md's two tables from OUT/table.csv and OUT/orders.csv: error per setting, then
     calibration, clean error at the end, cost. Order 0 of each setting unless a column says otherwise."""
     full = pd.read_csv(out / "table.csv")
-    cells, orders = full[~full["probes"]], pd.read_csv(out / "orders.csv") if (out / "orders.csv").stat().st_size > 1 else None
+    cells, orders = full[~full["probes"]], pd.read_csv(out / "orders.csv")
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     with_ci = lambda r: "not run" if r is None else f"{pct(r.error)} [{pct(r.lo)}, {pct(r.hi)}]"  # noqa: E731
 
@@ -175,8 +177,8 @@ def markdown_tables(out: Path) -> str:
     published = ["source", "norm", "tent", "eata", "sar", "cotta", "rotta", "lame", "roid"]  # the published table's order
     for method in sorted(set(cells["method"]), key=lambda m: (published.index(m) if m in published else len(published), m)):
         cont, online, mixed, corr = (cell(method, s) for s in ("continual", "online", "mixed", "correlated"))
-        agg = None if orders is None else orders[(orders["method"] == method) & (orders["setting"] == "continual")]
-        if agg is not None and len(agg) and agg.iloc[0]["orders"] >= 3:
+        agg = orders[(orders["method"] == method) & (orders["setting"] == "continual")]
+        if len(agg) and agg.iloc[0]["orders"] >= 3:
             a = agg.iloc[0]
             over = f"{pct(a.error)} [{pct(a.lo)}, {pct(a.hi)}] ({pct(a['min'])}-{pct(a['max'])})"
         else:
